@@ -1,0 +1,40 @@
+"""Argument checks shared by every optimizer: each raises ValueError naming the bad argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def check_lr(lr: Any) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a number or a 1-element tensor, got a tensor of shape {tuple(lr.shape)}")
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise ValueError(f"lr must be a non-negative number, got {lr!r}")
+    if not (math.isfinite(lr) and lr >= 0.0):
+        raise ValueError(f"Invalid learning rate: {lr} (must be finite and >= 0)")
+
+
+def check_betas(betas: Sequence[float], count: int) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"betas must be a tuple of {count} floats, got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
+
+
+def check_warmup(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be None or an int >= 1)")
