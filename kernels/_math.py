@@ -13,8 +13,8 @@ def one_minus_exp(x):
     Taylor series of expm1 to x^8 (truncation < 0.25^8 / 9! = 4e-11 relative); above it 1 - exp(x) >= 0.22
     and the plain form loses nothing. Multiplies and adds only, so the GPU and the interpreter agree.
     """
-    series = x * (1.0 + x / 2 * (1.0 + x / 3 * (1.0 + x / 4 * (1.0 + x / 5 * (
-        1.0 + x / 6 * (1.0 + x / 7 * (1.0 + x / 8)))))))
+    series = x * (1.0 + x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x * (
+        1 / 120 + x * (1 / 720 + x * (1 / 5040 + x * (1 / 40320))))))))
     return -tl.where(x > -0.25, series, tl.exp(x) - 1.0)
 
 

@@ -1,0 +1,61 @@
+"""The one registry of optimizer cases: adding an optimizer or an option adds a line here, not a test file."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from oracles import adabelief_oracle, ademamix_oracle, adan_oracle
+
+from fusedoptim import AdaBelief, AdEMAMix, Adan, FusedOptimizer
+
+#: The independent float64 oracle of each optimizer (tests/oracles.py), called with the optimizer's own kwargs.
+ORACLES: dict[type, Callable[..., torch.Tensor]] = {
+    AdaBelief: adabelief_oracle,
+    Adan: adan_oracle,
+    AdEMAMix: ademamix_oracle,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    cls: type[FusedOptimizer]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # hyperparameters for the second param group of the "two_groups" profile
+    group2: dict[str, Any] = field(default_factory=dict)
+
+    def make(self, params: Any, **overrides: Any) -> FusedOptimizer:
+        return self.cls(params, **{**self.kwargs, **overrides})
+
+    def full_kwargs(self) -> dict[str, Any]:
+        """Every hyperparameter of the optimizer: its signature's defaults overridden by this case."""
+        sig = inspect.signature(self.cls.__init__)
+        defaults = {k: v.default for k, v in sig.parameters.items()
+                    if k not in ("self", "params", "backend") and v.default is not inspect.Parameter.empty}
+        return {**defaults, **self.kwargs}
+
+
+CASES: list[Case] = [
+    Case("adabelief", AdaBelief, dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99))),
+    Case("adabelief-l2", AdaBelief, dict(lr=1e-2, weight_decay=0.1), dict(weight_decay=0.0)),
+    Case("adabelief-decoupled-amsgrad", AdaBelief, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True,
+                                                        amsgrad=True), dict(eps=1e-6)),
+    Case("adabelief-maximize", AdaBelief, dict(lr=1e-2, maximize=True), dict(maximize=False)),
+    Case("adan", Adan, dict(lr=1e-2), dict(lr=2e-2, betas=(0.9, 0.9, 0.999))),
+    Case("adan-prox", Adan, dict(lr=1e-2, weight_decay=0.05), dict(weight_decay=0.2)),
+    Case("adan-noprox-amsgrad", Adan, dict(lr=1e-2, weight_decay=0.05, no_prox=True, amsgrad=True),
+         dict(no_prox=False)),
+    Case("ademamix", AdEMAMix, dict(lr=1e-2), dict(alpha=2.0, betas=(0.8, 0.99, 0.999))),
+    Case("ademamix-warmup-wd", AdEMAMix, dict(lr=1e-2, weight_decay=0.1, alpha_warmup=4, beta3_warmup=5),
+         dict(alpha_warmup=None, beta3_warmup=2)),
+    Case("ademamix-beta1-0-maximize", AdEMAMix, dict(lr=1e-2, betas=(0.0, 0.999, 0.9999), maximize=True)),
+]
+
+CASE_IDS = [c.name for c in CASES]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,0 +1,127 @@
+"""Shared test machinery: parameter profiles, a seeded gradient stream, and the per-dtype tolerances."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fusedoptim import FusedOptimizer
+
+PROFILES = ["ragged", "many_small", "two_groups", "misaligned"]
+
+RAGGED_SHAPES = [(), (1,), (7,), (1023,), (1025,), (4097,), (33, 31)]
+
+
+@dataclass
+class Profile:
+    groups: list[list[torch.Tensor]]
+    grads: Callable[[int, list[list[torch.Tensor]]], list[list[torch.Tensor | None]]]
+
+
+def _views(shapes, dtype, gen, offset):
+    """Contiguous tensors of ``shapes`` carved from one buffer at an element ``offset``: offset 1 makes every
+    address misaligned for 16-byte vector access."""
+    numels = [torch.Size(s).numel() for s in shapes]
+    buf = torch.randn(sum(numels) + offset, generator=gen).to(dtype)
+    out, pos = [], offset
+    for shape, n in zip(shapes, numels, strict=True):
+        out.append(buf[pos:pos + n].view(shape))
+        pos += n
+    return out
+
+
+def make_profile(name: str, dtype: torch.dtype, seed: int = 0) -> Profile:
+    gen = torch.Generator().manual_seed(seed)
+    misaligned = name == "misaligned"
+    if name == "ragged" or misaligned:
+        shapes = [RAGGED_SHAPES]
+    elif name == "many_small":
+        shapes = [[(1 + (i * 7) % 40,) for i in range(200)]]
+    elif name == "two_groups":
+        shapes = [[(7,), (1025,), (5, 3)], [(1,), (4097,)]]
+    else:
+        raise ValueError(name)
+    groups = [_views(s, dtype, gen, 1 if misaligned else 0) for s in shapes]
+
+    def grads(step: int, params: list[list[torch.Tensor]]) -> list[list[torch.Tensor | None]]:
+        g = torch.Generator().manual_seed(seed * 1000 + step)
+        out = []
+        for gi, group in enumerate(params):
+            if misaligned:
+                # misaligned views, and one non-contiguous (transposed) gradient
+                row = _views([p.shape for p in group], dtype, g, 3)
+                last = group[-1]
+                row[-1] = torch.randn(last.shape[::-1], generator=g).to(dtype).t()
+                assert not row[-1].is_contiguous()
+            else:
+                row = [torch.randn(p.shape, generator=g).to(dtype) for p in group]
+            if gi == 0 and step in (2, 4):
+                row[1] = None  # a param without a gradient on some steps: skipped, its step does not advance
+            out.append(row)
+        return out
+
+    return Profile(groups, grads)
+
+
+def clone_groups(groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    # Keep the storage layout (offsets, misalignment): clone the buffer, not the views.
+    out = []
+    for group in groups:
+        base = group[0].untyped_storage()
+        copy = torch.empty(0, dtype=group[0].dtype).set_(base.clone())
+        out.append([torch.as_strided(copy, p.shape, p.stride(), p.storage_offset()) for p in group])
+    return out
+
+
+def set_grads(groups, grads) -> None:
+    for group, row in zip(groups, grads, strict=True):
+        for p, g in zip(group, row, strict=True):
+            p.grad = None if g is None else g.clone() if g.is_contiguous() else g.t().clone().t()
+
+
+def param_groups(case_kwargs_group2, groups):
+    out = [{"params": groups[0]}]
+    if len(groups) > 1:
+        out.append({"params": groups[1], **case_kwargs_group2})
+    return out
+
+
+# ------------------------------------------------------------------- tolerances
+FP32_RTOL, FP32_ATOL = 1e-5, 1e-6
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact distance in units in the last place between two bf16/fp16 tensors of one dtype."""
+    assert a.dtype == b.dtype and a.element_size() == 2
+
+    def ordered(x):
+        i = x.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(i >= 0, i, -32768 - i)  # sign-magnitude -> ordered integers (-0 and +0 both map to 0)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def assert_param_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=FP32_RTOL, atol=FP32_ATOL, msg=lambda m: f"{what}: {m}")
+    else:
+        dist = ulp_distance(actual, expected)
+        if dist.numel() and dist.max() > 1:
+            i = int(dist.view(-1).argmax())
+            raise AssertionError(f"{what}: {int(dist.max())} ULP apart at flat index {i} "
+                                 f"({actual.view(-1)[i].item()} vs {expected.view(-1)[i].item()})")
+
+
+def assert_state_close(opt_a: FusedOptimizer, pa: torch.Tensor, opt_b: FusedOptimizer, pb: torch.Tensor,
+                       what: str) -> None:
+    sa, sb = opt_a.state[pa], opt_b.state[pb]
+    assert sa.keys() == sb.keys(), f"{what}: state keys {sorted(sa)} vs {sorted(sb)}"
+    for name in sa:
+        a, b = sa[name], sb[name]
+        if name == "step":
+            assert torch.equal(a, b), f"{what}: step {a} vs {b}"
+        else:
+            assert a.dtype == b.dtype == torch.promote_types(pa.dtype, torch.float32), f"{what}: {name} dtype"
+            torch.testing.assert_close(a, b, rtol=FP32_RTOL, atol=FP32_ATOL, msg=lambda m, n=name: f"{what} {n}: {m}")
