@@ -1,4 +1,7 @@
-"""Adan rule (Xie et al., 2022, https://arxiv.org/abs/2208.06677; official sail-sg/Adan). Reference: fusedoptim/adan.py."""
+"""Adan rule (Xie et al., 2022, https://arxiv.org/abs/2208.06677; official sail-sg/Adan).
+
+Reference: fusedoptim/adan.py.
+"""
 
 import triton
 import triton.language as tl

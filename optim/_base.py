@@ -252,7 +252,7 @@ class FusedOptimizer(Optimizer):
                 p.detach().to(state_dtype), -grad if maximize else grad,
                 tuple(state[name] for name in bucket.state_names), state["step"], *hyper, *flags)
             p.copy_(param)
-            for name, value in zip(bucket.state_names, new_state):
+            for name, value in zip(bucket.state_names, new_state, strict=True):
                 state[name].copy_(value)
 
     def _triton_step(self, bucket: Bucket, active: tuple[int, ...], grads: list, hyper: tuple,
@@ -295,7 +295,7 @@ class FusedOptimizer(Optimizer):
                              "optimizer's group")
         saved_state = state_dict["state"]
         adopted: dict[torch.Tensor, dict[str, Any]] = {}
-        for pid, p in zip(ids, params):
+        for pid, p in zip(ids, params, strict=True):
             if pid not in saved_state:
                 continue
             entry = dict(saved_state[pid])

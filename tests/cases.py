@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from oracles import adabelief_oracle, adan_oracle, ademamix_oracle
 
-from oracles import adabelief_oracle, ademamix_oracle, adan_oracle
-
-from fusedoptim import AdaBelief, AdEMAMix, Adan, FusedOptimizer
+from fusedoptim import AdaBelief, Adan, AdEMAMix, FusedOptimizer
 
 #: The independent float64 oracle of each optimizer (tests/oracles.py), called with the optimizer's own kwargs.
 ORACLES: dict[type, Callable[..., torch.Tensor]] = {

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASE_IDS, CASES, DTYPES
-from helpers import PROFILES, assert_param_close, assert_state_close, clone_groups, make_profile, param_groups, set_grads
+from cases import CASES, DTYPES
+from helpers import (
+    PROFILES,
+    assert_param_close,
+    assert_state_close,
+    clone_groups,
+    make_profile,
+    param_groups,
+    set_grads,
+)
 
 STEPS = 6
 LR_CHANGE_AT = 4  # an LR change mid-run must take effect without recompiling anything

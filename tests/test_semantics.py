@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASE_IDS, CASES, ORACLES
-
 import triton
 import triton.language as tl
+from cases import CASE_IDS, CASES, ORACLES
 
-from fusedoptim import AdEMAMix, Adan
+from fusedoptim import Adan, AdEMAMix
 from fusedoptim._math import one_minus_exp as reference_one_minus_exp
 from fusedoptim.kernels._math import one_minus_exp
 

@@ -1,0 +1,106 @@
+"""state_dict: torch's per-parameter format, fp32 state kept with low-precision params, exact resumption."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from cases import CASE_IDS, CASES
+
+BACKENDS = ["reference", "triton"]
+
+
+def _run(case, backend, dtype, steps, start_params=None, state=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = start_params or [torch.randn(s, generator=gen).to(dtype) for s in [(5,), (1030,), (4, 3)]]
+    opt = case.make([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], backend=backend)
+    if state is not None:
+        opt.load_state_dict(state)
+    return params, opt
+
+
+def _steps(opt, params, dtype, first, last):
+    for step in range(first, last):
+        gen = torch.Generator().manual_seed(100 + step)
+        for i, p in enumerate(params):
+            p.grad = None if (i == 0 and step == 1) else torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_save_load_continue_is_identical(case, backend, dtype):
+    k, n = 3, 6
+    params, opt = _run(case, backend, dtype, k)
+    _steps(opt, params, dtype, 0, k)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.clone() for p in params], "optim": opt.state_dict()}, buffer)
+    _steps(opt, params, dtype, k, n)  # the uninterrupted run
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh_params = saved["params"]
+    _, fresh = _run(case, backend, dtype, 0, start_params=fresh_params, state=saved["optim"])
+    for p in fresh_params:  # loaded state is visible at once, fp32 whatever the param dtype
+        for name, value in fresh.state[p].items():
+            assert value.dtype == torch.float32, name
+    _steps(fresh, fresh_params, dtype, k, n)
+    for a, b in zip(params, fresh_params, strict=True):
+        assert torch.equal(a, b)
+        for name in opt.state[a]:
+            assert torch.equal(opt.state[a][name], fresh.state[b][name]), name
+
+
+def test_state_dict_has_torch_format_and_views():
+    case = CASES[0]
+    p = torch.randn(10)
+    opt = case.make([p])
+    p.grad = torch.randn(10)
+    opt.step()
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert sd["param_groups"][0]["params"] == [0]
+    assert sd["state"][0]["step"].item() == 1.0
+    assert sd["state"][0]["exp_avg"].shape == (10,)
+    # the state tensors are views of the flat buffers: writing the flat buffer shows through
+    (bucket,) = opt._buckets(opt.param_groups[0])
+    bucket.states["exp_avg"].fill_(7.0)
+    assert torch.equal(opt.state[p]["exp_avg"], torch.full((10,), 7.0))
+
+
+def test_load_rejects_mismatched_state_without_changing_anything():
+    case = CASES[0]
+    p = torch.randn(10)
+    opt = case.make([p])
+    p.grad = torch.randn(10)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    bad = opt.state_dict()
+    bad["state"] = {0: {**bad["state"][0], "exp_avg": torch.zeros(11)}}  # (torch's state_dict shares the dicts)
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.load_state_dict(bad)
+    for k, v in before.items():
+        assert torch.equal(opt.state[p][k], v)
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict({"state": {}, "param_groups": []})
+
+
+def test_loads_torch_adam_state_dict_into_bf16_params_without_casting_down():
+    """A checkpoint of torch.optim.Adam (fp32 params) loads into AdEMAMix on bf16 params; state stays fp32."""
+    from fusedoptim import AdEMAMix
+
+    p32 = torch.randn(6)
+    adam = torch.optim.Adam([p32], lr=1e-2)
+    p32.grad = torch.randn(6)
+    adam.step()
+    sd = adam.state_dict()
+    sd["param_groups"][0]["betas"] = (0.9, 0.999, 0.9999)
+    pb = p32.detach().to(torch.bfloat16)
+    ours = AdEMAMix([pb], lr=1e-2)
+    ours.load_state_dict(sd)
+    assert ours.state[pb]["exp_avg"].dtype == torch.float32
+    assert torch.equal(ours.state[pb]["exp_avg"], adam.state[p32]["exp_avg"])
+    assert ours.state[pb]["step"].item() == 1.0
+    assert torch.equal(ours.state[pb]["exp_avg_slow"], torch.zeros(6))  # not in Adam's state: starts at zero
