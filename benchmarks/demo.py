@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fusedoptim import AdaBelief, AdEMAMix, Adan
+from fusedoptim import AdaBelief, Adan, AdEMAMix
 
 OPTIMIZERS = {
     "torch AdamW (fused)": lambda p, dev: torch.optim.AdamW(p, lr=3e-3, fused=True),

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
+
+_FP32 = struct.Struct("f")
 
 
 def one_minus_exp(x: torch.Tensor) -> torch.Tensor:
@@ -18,8 +21,11 @@ def bias_correction(log_beta: float, step: torch.Tensor) -> torch.Tensor:
 
 
 def fp32(x: float) -> float:
-    """``x`` rounded to fp32, as a Python float: the value a kernel receives for a runtime fp32 scalar."""
-    return float(torch.tensor(float(x), dtype=torch.float32))
+    """``x`` rounded to fp32, as a Python float: the value a kernel receives for a runtime fp32 scalar.
+
+    (struct, not torch.tensor: this runs for every scalar of every group on every step.)
+    """
+    return _FP32.unpack(_FP32.pack(float(x)))[0]
 
 
 def log_fp32(beta: float) -> float:

@@ -47,6 +47,8 @@ def test_bad_warmups_and_backend():
         Adan([torch.randn(3)], backend="cuda")
     with pytest.raises(ValueError, match="floating-point"):
         Adan([torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(RuntimeError, match="backend='triton'.*float64"):
+        Adan([torch.zeros(3, dtype=torch.float64)], backend="triton")
 
 
 def test_param_on_another_device_in_the_same_group():
