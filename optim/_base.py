@@ -90,6 +90,16 @@ class FusedOptimizer(Optimizer):
         """Structural options of the rule (``tl.constexpr`` in the kernel)."""
         return ()
 
+    def bytes_per_param(self, group: dict[str, Any], param_dtype: torch.dtype) -> int:
+        """Bytes a minimal fused step moves per parameter element of ``group`` (the benchmarks' bytes model):
+        read and write the param, read the grad, read and write every state (fp32, or fp64 for fp64 params).
+
+        E.g. AdaBelief on fp32 params: 3 x 4 + 2 states x 2 x 4 = 28 B, torch's fused AdamW figure.
+        """
+        param_bytes = torch.empty(0, dtype=param_dtype).element_size()
+        state_bytes = torch.empty(0, dtype=torch.promote_types(param_dtype, torch.float32)).element_size()
+        return 3 * param_bytes + 2 * state_bytes * len(self._state_names(group))
+
     # ----------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]

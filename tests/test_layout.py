@@ -29,3 +29,18 @@ def test_chunks_cover_each_element_once(numels, block):
     assert covered == expected
     assert len(chunk_tensor) == sum(-(-numels[t] // block) for t in active)
     assert all(s % block == 0 for s in chunk_start)
+
+
+def test_bytes_model_matches_design_minimums():
+    """DESIGN §5: AdaBelief 28, AdEMAMix 36, Adan 44 B/param in fp32; bf16 params with fp32 state save 6 B."""
+    import torch
+
+    from fusedoptim import AdaBelief, Adan, AdEMAMix
+
+    p = [torch.zeros(1)]
+    for cls, fp32_bytes in ((AdaBelief, 28), (AdEMAMix, 36), (Adan, 44)):
+        opt = cls(p)
+        assert opt.bytes_per_param(opt.param_groups[0], torch.float32) == fp32_bytes
+        assert opt.bytes_per_param(opt.param_groups[0], torch.bfloat16) == fp32_bytes - 6
+    amsgrad = AdaBelief(p, amsgrad=True)
+    assert amsgrad.bytes_per_param(amsgrad.param_groups[0], torch.float32) == 36
