@@ -8,6 +8,19 @@ where ``state`` is a tuple of the optimizer's state blocks (in ``state_names`` o
 tensor's step count (fp32, already advanced), ``hyper`` the optimizer's runtime fp32 scalars and
 ``flags`` its structural ``tl.constexpr`` options. The template below applies it to every element of
 every tensor of a bucket in ONE launch, whatever the number of tensors.
+
+Rules that need per-tensor statistics (norms, a cosine, ...) run the same template twice around a
+deterministic segment sum:
+
+- pass A, ``prepare(param, grad, state, step, *hyper, *flags) -> (state, terms)``: ``terms`` is a tuple
+  of NUM_SUMS elementwise blocks; the template sums each over the chunk into ``partials[chunk, k]``;
+- ``segment_sum_kernel``: ``sums[t, k]`` = the partials of tensor t's chunks added in chunk order (no
+  atomics: two runs are bitwise equal);
+- ``finalize`` (plain torch, in ``fusedoptim/<name>.py``): ``sums`` -> per-tensor ``factors[t, f]``;
+- pass B, ``apply(param, grad, state, step, *factors, *hyper, *flags) -> (param, state)``.
+
+Loads whose values a rule never uses are removed by the compiler, so a pass only moves the bytes its
+rule touches; stores are explicit (STORE_PARAM, STORE_STATE).
 """
 
 import triton
@@ -15,8 +28,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, hyper,
-                RULE: tl.constexpr, FLAGS: tl.constexpr, PARAM_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr):
+def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, factors, hyper, partial_ptr,
+                RULE: tl.constexpr, FLAGS: tl.constexpr, PARAM_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                NUM_SUMS: tl.constexpr, STORE_PARAM: tl.constexpr, STORE_STATE: tl.constexpr):
     param = tl.load(param_ptr, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr, mask=mask).to(tl.float32)
     if MAXIMIZE:
@@ -24,10 +38,20 @@ def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, hyper
     state = ()
     for i in tl.static_range(len(state_ptrs)):
         state = state + (tl.load(state_ptrs[i] + state_offset, mask=mask),)
-    param, state = RULE(param, grad, state, step, *hyper, *FLAGS)
-    tl.store(param_ptr, param.to(PARAM_DTYPE), mask=mask)
-    for i in tl.static_range(len(state_ptrs)):
-        tl.store(state_ptrs[i] + state_offset, state[i], mask=mask)
+    if NUM_SUMS > 0:
+        state, terms = RULE(param, grad, state, step, *hyper, *FLAGS)
+        for k in tl.static_range(NUM_SUMS):
+            term = terms[k]
+            if mask is not None:
+                term = tl.where(mask, term, 0.0)
+            tl.store(partial_ptr + k, tl.sum(term, axis=0))
+    else:
+        param, state = RULE(param, grad, state, step, *factors, *hyper, *FLAGS)
+    if STORE_PARAM:
+        tl.store(param_ptr, param.to(PARAM_DTYPE), mask=mask)
+    if STORE_STATE:
+        for i in tl.static_range(len(state_ptrs)):
+            tl.store(state_ptrs[i] + state_offset, state[i], mask=mask)
 
 
 @triton.jit
@@ -41,12 +65,18 @@ def multi_tensor_step_kernel(
     chunk_start,     # int64[C]: first element of chunk c inside its tensor (multiple of BLOCK)
     state_ptrs,      # tuple of flat fp32 state buffers, one per state name
     hyper,           # tuple of runtime scalars, in the rule's argument order (never constexpr: no recompiles)
+    partials,        # fp32[C, NUM_SUMS]: pass A's per-chunk sums (unused when NUM_SUMS == 0)
+    factors,         # fp32[T, NUM_FACTORS]: pass B's per-tensor factors from finalize (unused when 0)
     RULE: tl.constexpr,         # the @triton.jit rule
     FLAGS: tl.constexpr,        # tuple of the rule's structural options (amsgrad, ...)
     PARAM_DTYPE: tl.constexpr,  # dtype of params and grads; math and state are fp32
     MAXIMIZE: tl.constexpr,
     ALIGNED: tl.constexpr,      # host-checked: every param and grad address is 16-byte aligned
     BLOCK: tl.constexpr,
+    NUM_SUMS: tl.constexpr = 0,
+    NUM_FACTORS: tl.constexpr = 0,
+    STORE_PARAM: tl.constexpr = True,
+    STORE_STATE: tl.constexpr = True,
 ):
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_tensor + chunk)
@@ -64,11 +94,37 @@ def multi_tensor_step_kernel(
     hyper_fp32 = ()
     for i in tl.static_range(len(hyper)):
         hyper_fp32 = hyper_fp32 + (tl.cast(hyper[i], tl.float32),)  # `.to` fails on floats in the interpreter
+    tensor_factors = ()
+    for f in tl.static_range(NUM_FACTORS):
+        tensor_factors = tensor_factors + (tl.load(factors + tensor * NUM_FACTORS + f),)
     step = tl.load(steps + tensor)
+    partial_ptr = partials + chunk.to(tl.int64) * NUM_SUMS
     # A mask blocks vectorisation, so full blocks take an unmasked path and only the tail is masked.
     if start + BLOCK <= numel:
-        _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, None, step, hyper_fp32,
-                    RULE, FLAGS, PARAM_DTYPE, MAXIMIZE)
+        _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, None, step, tensor_factors, hyper_fp32,
+                    partial_ptr, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM, STORE_STATE)
     else:
-        _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, idx < numel, step, hyper_fp32,
-                    RULE, FLAGS, PARAM_DTYPE, MAXIMIZE)
+        _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, idx < numel, step, tensor_factors, hyper_fp32,
+                    partial_ptr, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM, STORE_STATE)
+
+
+@triton.jit
+def segment_sum_kernel(
+    partials,        # fp32[C, NUM_SUMS]: per-chunk sums from pass A, the chunks of a tensor consecutive
+    first_chunk,     # int64[T + 1]: tensor t owns chunks first_chunk[t] .. first_chunk[t + 1] - 1
+    sums,            # fp32[T, NUM_SUMS]: output
+    NUM_SUMS: tl.constexpr,
+    SUMS_POW2: tl.constexpr,    # NUM_SUMS rounded up to a power of two (tl.arange needs one)
+    CHUNKS: tl.constexpr,       # chunk rows added per iteration
+):
+    """One program per tensor adds its chunks' partial sums in chunk order: deterministic, no atomics."""
+    tensor = tl.program_id(0)
+    begin = tl.load(first_chunk + tensor)
+    end = tl.load(first_chunk + tensor + 1)
+    k = tl.arange(0, SUMS_POW2)
+    acc = tl.zeros((CHUNKS, SUMS_POW2), dtype=tl.float32)
+    for row0 in range(begin, end, CHUNKS):
+        rows = row0 + tl.arange(0, CHUNKS).to(tl.int64)
+        mask = (rows[:, None] < end) & (k[None, :] < NUM_SUMS)
+        acc += tl.load(partials + rows[:, None] * NUM_SUMS + k[None, :], mask=mask, other=0.0)
+    tl.store(sums + tensor.to(tl.int64) * NUM_SUMS + k, tl.sum(acc, axis=0), mask=k < NUM_SUMS)

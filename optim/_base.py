@@ -41,6 +41,12 @@ class Bucket:
     states: dict[str, torch.Tensor]
     steps: torch.Tensor
     param_ptrs: list[int]
+    # Rules with per-tensor statistics: per-tensor scalar states (e.g. TAdam's W_t), the element counts as
+    # fp32 for finalize, and the last step's per-tensor sums and factors (readable for logging, no sync).
+    tensor_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    numels_fp32: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+    factors: torch.Tensor | None = None
     # Device-side tables of the last launch, rebuilt only when a pointer or the set of active tensors changes.
     table_key: tuple = ()
     tables: torch.Tensor | None = None
@@ -69,6 +75,16 @@ class FusedOptimizer(Optimizer):
     state_names: ClassVar[tuple[str, ...]] = ()
     kernel_rule: ClassVar[tuple[str, str]]
     reference_update: ClassVar[Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]]
+    # Rules with per-tensor statistics (two passes): pass A's rules, how many sums it emits per tensor, the
+    # finalize that turns the [T, num_sums] sums into [T, len(factor_names)] factors for pass B (whose rules
+    # are kernel_rule / reference_update), and per-tensor scalar states. num_sums == 0: one elementwise pass.
+    num_sums: ClassVar[int] = 0
+    kernel_prepare: ClassVar[tuple[str, str]]
+    reference_prepare: ClassVar[Callable[..., tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]]
+    finalize: ClassVar[Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]]
+    factor_names: ClassVar[tuple[str, ...]] = ()
+    tensor_state_names: ClassVar[tuple[str, ...]] = ()
+    prepare_writes_state: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
         if backend not in BACKENDS:
@@ -183,6 +199,10 @@ class FusedOptimizer(Optimizer):
             steps = torch.zeros(len(members), dtype=torch.float32, device=device)
             bucket = Bucket(members, dtype, device, backend, names, numels, offsets, states, steps,
                             [p.data_ptr() for p in members])
+            if self.num_sums:
+                bucket.tensor_states = {name: torch.zeros(len(members), dtype=torch.float32, device=device)
+                                        for name in self.tensor_state_names}
+                bucket.numels_fp32 = torch.tensor(numels, dtype=torch.float32).to(device)
             self._adopt_state(bucket)
             buckets.append(bucket)
         return buckets
@@ -196,6 +216,10 @@ class FusedOptimizer(Optimizer):
                 bucket.steps[i] = old["step"] if isinstance(old["step"], torch.Tensor) else float(old["step"])
             new = dict(old)
             new["step"] = bucket.steps[i]
+            for name, values in bucket.tensor_states.items():
+                if name in old:
+                    values[i] = old[name].reshape(()) if isinstance(old[name], torch.Tensor) else float(old[name])
+                new[name] = values[i]
             for name in bucket.state_names:
                 view = bucket.states[name][bucket.offsets[i]:bucket.offsets[i] + bucket.numels[i]].view(p.shape)
                 if name in old:
@@ -228,17 +252,39 @@ class FusedOptimizer(Optimizer):
                     if grads[i].is_sparse or grads[i].layout != torch.strided:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 work.append((group, bucket, active, grads, hyper, flags))
-        # Phase 2: advance the steps of tensors that have a gradient, then apply the rule.
+        # Phase 2: advance the steps of tensors that have a gradient, then run the passes.
         for group, bucket, active, grads, hyper, flags in work:
-            if len(active) == len(bucket.params):
-                bucket.steps.add_(1.0)
+            all_active = len(active) == len(bucket.params)
+            bucket.steps.add_(1.0 if all_active else self._active_mask(bucket, active))
+            run = _Run(bucket, active, grads, hyper, flags, group["maximize"])
+            fused = bucket.backend == "triton"
+            if fused:
+                self._build_tables(run)
+            factors = None
+            if self.num_sums:
+                sums = self._triton_prepare(run) if fused else self._reference_prepare(run)
+                cls = type(self)
+                factors, tensor_states = cls.finalize(sums, bucket.steps, bucket.numels_fp32,
+                                                      tuple(bucket.tensor_states.values()), *hyper, *flags)
+                for old, new in zip(bucket.tensor_states.values(), tensor_states, strict=True):
+                    old.copy_(new if all_active else torch.where(self._active_mask(bucket, active) > 0, new, old))
+                bucket.sums, bucket.factors = sums, factors
+            if fused:
+                self._triton_apply(run, factors)
             else:
-                bucket.steps.add_(self._active_mask(bucket, active))
-            if bucket.backend == "triton":
-                self._triton_step(bucket, active, grads, hyper, flags, group["maximize"])
-            else:
-                self._reference_step(bucket, active, grads, hyper, flags, group["maximize"])
+                self._reference_apply(run, factors)
         return loss
+
+    def last_factors(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """The per-tensor factors of the last step (e.g. LAMB's trust ratios), as 0-d device tensors per param:
+        views, so reading them never synchronises. Empty for elementwise rules and before the first step."""
+        out: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for cached in self._layouts.values():
+            for bucket in cached[1]:
+                if bucket.factors is not None:
+                    for i, p in enumerate(bucket.params):
+                        out[p] = {name: bucket.factors[i, f] for f, name in enumerate(self.factor_names)}
+        return out
 
     @staticmethod
     def _active_mask(bucket: Bucket, active: tuple[int, ...]) -> torch.Tensor:
@@ -251,43 +297,85 @@ class FusedOptimizer(Optimizer):
                 bucket.active_masks.pop(next(iter(bucket.active_masks)))
         return mask
 
-    def _reference_step(self, bucket: Bucket, active: tuple[int, ...], grads: list, hyper: tuple,
-                        flags: tuple, maximize: bool) -> None:
-        state_dtype = torch.promote_types(bucket.dtype, torch.float32)
-        for i in active:
-            p = bucket.params[i]
-            state = self.state[p]
-            grad = grads[i].to(state_dtype)
-            param, new_state = type(self).reference_update(
-                p.detach().to(state_dtype), -grad if maximize else grad,
-                tuple(state[name] for name in bucket.state_names), state["step"], *hyper, *flags)
-            p.copy_(param)
-            for name, value in zip(bucket.state_names, new_state, strict=True):
+    def _reference_inputs(self, run: _Run, i: int) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        p = run.bucket.params[i]
+        state = self.state[p]
+        dtype = torch.promote_types(run.bucket.dtype, torch.float32)
+        grad = run.grads[i].to(dtype)
+        return (p.detach().to(dtype), -grad if run.maximize else grad,
+                tuple(state[name] for name in run.bucket.state_names), state)
+
+    def _reference_prepare(self, run: _Run) -> torch.Tensor:
+        bucket = run.bucket
+        sums = torch.zeros(len(bucket.params), self.num_sums, dtype=torch.float32, device=bucket.device)
+        for i in run.active:
+            param, grad, state_in, state = self._reference_inputs(run, i)
+            new_state, terms = type(self).reference_prepare(param, grad, state_in, state["step"], *run.hyper,
+                                                            *run.flags)
+            if self.prepare_writes_state:
+                for name, value in zip(bucket.state_names, new_state, strict=True):
+                    state[name].copy_(value)
+            sums[i] = torch.stack([term.sum(dtype=torch.float32) for term in terms])
+        return sums
+
+    def _reference_apply(self, run: _Run, factors: torch.Tensor | None) -> None:
+        for i in run.active:
+            param, grad, state_in, state = self._reference_inputs(run, i)
+            tensor_factors = () if factors is None else tuple(factors[i])
+            param, new_state = type(self).reference_update(param, grad, state_in, state["step"], *tensor_factors,
+                                                           *run.hyper, *run.flags)
+            run.bucket.params[i].copy_(param)
+            for name, value in zip(run.bucket.state_names, new_state, strict=True):
                 state[name].copy_(value)
 
-    def _triton_step(self, bucket: Bucket, active: tuple[int, ...], grads: list, hyper: tuple,
-                     flags: tuple, maximize: bool) -> None:
+    def _build_tables(self, run: _Run) -> None:
+        """Refresh the bucket's device tables when a pointer or the set of tensors with a gradient changed."""
         from . import kernels
 
+        bucket = run.bucket
         # Non-contiguous grads are read through a contiguous copy (grads are never written).
-        staged = [g if g is None or g.is_contiguous() else g.contiguous() for g in grads]
-        grad_ptrs = [0 if g is None else g.data_ptr() for g in staged]
-        key = (active, tuple(bucket.param_ptrs), tuple(grad_ptrs))
-        if key != bucket.table_key:
-            block = kernels.block_size()
-            chunk_tensor, chunk_start = chunk_table(bucket.numels, active, block)
-            host = torch.tensor(bucket.param_ptrs + grad_ptrs + bucket.offsets + bucket.numels
-                                + chunk_tensor + chunk_start, dtype=torch.int64)
-            if bucket.device.type == "cuda":  # one async H2D copy; the pinned block is recycled safely by torch
-                host = host.pin_memory().to(bucket.device, non_blocking=True)
-            bucket.tables, bucket.num_chunks, bucket.table_key = host, len(chunk_tensor), key
-            bucket.aligned = all(ptr % 16 == 0 for i in active for ptr in (bucket.param_ptrs[i], grad_ptrs[i]))
-        if bucket.num_chunks == 0:
+        run.grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
+        grad_ptrs = [0 if g is None else g.data_ptr() for g in run.grads]
+        key = (run.active, tuple(bucket.param_ptrs), tuple(grad_ptrs))
+        if key == bucket.table_key:
             return
+        chunk_tensor, chunk_start = chunk_table(bucket.numels, run.active, kernels.block_size())
+        first_chunk = [0] * (len(bucket.params) + 1)
+        for t in chunk_tensor:
+            first_chunk[t + 1] += 1
+        for t in range(len(bucket.params)):
+            first_chunk[t + 1] += first_chunk[t]
+        host = torch.tensor(bucket.param_ptrs + grad_ptrs + bucket.offsets + bucket.numels + first_chunk
+                            + chunk_tensor + chunk_start, dtype=torch.int64)
+        if bucket.device.type == "cuda":  # one async H2D copy; the pinned block is recycled safely by torch
+            host = host.pin_memory().to(bucket.device, non_blocking=True)
+        bucket.tables, bucket.num_chunks, bucket.table_key = host, len(chunk_tensor), key
+        bucket.aligned = all(ptr % 16 == 0 for i in run.active for ptr in (bucket.param_ptrs[i], grad_ptrs[i]))
+
+    def _launch(self, run: _Run, rule: tuple[str, str], **kwargs: Any) -> None:
+        from . import kernels
+
+        bucket = run.bucket
         kernels.launch_step(
-            _kernel_rule(type(self).kernel_rule), flags, bucket.tables, len(bucket.params), bucket.num_chunks,
-            bucket.steps, [bucket.states[name] for name in bucket.state_names], hyper, bucket.dtype, maximize,
-            bucket.aligned)
+            _kernel_rule(rule), run.flags, bucket.tables, len(bucket.params), bucket.num_chunks, bucket.steps,
+            [bucket.states[name] for name in bucket.state_names], run.hyper, bucket.dtype, run.maximize,
+            bucket.aligned, **kwargs)
+
+    def _triton_prepare(self, run: _Run) -> torch.Tensor:
+        from . import kernels
+
+        bucket = run.bucket
+        sums = torch.zeros(len(bucket.params), self.num_sums, dtype=torch.float32, device=bucket.device)
+        if bucket.num_chunks:
+            partials = torch.empty(bucket.num_chunks, self.num_sums, dtype=torch.float32, device=bucket.device)
+            self._launch(run, type(self).kernel_prepare, partials=partials, store_param=False,
+                         store_state=self.prepare_writes_state)
+            kernels.launch_segment_sum(partials, bucket.tables, len(bucket.params), bucket.num_chunks, sums)
+        return sums
+
+    def _triton_apply(self, run: _Run, factors: torch.Tensor | None) -> None:
+        if run.bucket.num_chunks:
+            self._launch(run, type(self).kernel_rule, factors=factors)
 
     # ----------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -333,6 +421,18 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("backend", "auto")
         for group in self.param_groups:
             group.setdefault("maximize", False)
+
+
+@dataclass
+class _Run:
+    """One bucket's work in one step."""
+
+    bucket: Bucket
+    active: tuple[int, ...]
+    grads: list[torch.Tensor | None]
+    hyper: tuple[float, ...]
+    flags: tuple[bool, ...]
+    maximize: bool
 
 
 def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
