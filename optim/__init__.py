@@ -8,6 +8,10 @@ from ._base import BACKENDS, FusedOptimizer
 from .adabelief import AdaBelief
 from .adan import Adan
 from .ademamix import AdEMAMix
+from .lamb import LAMB
+from .lars import LARS
+from .ralars import RaLars
+from .tadam import TAdam
 
-__all__ = ["BACKENDS", "AdaBelief", "AdEMAMix", "Adan", "FusedOptimizer"]
+__all__ = ["BACKENDS", "LAMB", "LARS", "AdaBelief", "AdEMAMix", "Adan", "FusedOptimizer", "RaLars", "TAdam"]
 __version__ = "0.1.0"

@@ -85,6 +85,7 @@ class FusedOptimizer(Optimizer):
     factor_names: ClassVar[tuple[str, ...]] = ()
     tensor_state_names: ClassVar[tuple[str, ...]] = ()
     prepare_writes_state: ClassVar[bool] = False
+    apply_writes_state: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
         if backend not in BACKENDS:
@@ -375,7 +376,7 @@ class FusedOptimizer(Optimizer):
 
     def _triton_apply(self, run: _Run, factors: torch.Tensor | None) -> None:
         if run.bucket.num_chunks:
-            self._launch(run, type(self).kernel_rule, factors=factors)
+            self._launch(run, type(self).kernel_rule, factors=factors, store_state=self.apply_writes_state)
 
     # ----------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -38,3 +38,17 @@ def check_warmup(name: str, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (must be None or an int >= 1)")
+
+
+def check_scale_clip(scale_clip: Any) -> tuple[float, float]:
+    """(lo, hi) bounds of the weight-norm clamp of the trust ratio; None means (0, 10)."""
+    if scale_clip is None:
+        return (0.0, 10.0)
+    if not isinstance(scale_clip, (tuple, list)) or len(scale_clip) != 2:
+        raise ValueError(f"scale_clip must be None or a (lo, hi) pair, got {scale_clip!r}")
+    lo, hi = scale_clip
+    check_non_negative("scale_clip lower bound", lo)
+    check_non_negative("scale_clip upper bound", hi)
+    if lo > hi:
+        raise ValueError(f"Invalid scale_clip: lower bound {lo} > upper bound {hi}")
+    return (float(lo), float(hi))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from oracles import adabelief_oracle, adan_oracle, ademamix_oracle
 
-from fusedoptim import AdaBelief, Adan, AdEMAMix, FusedOptimizer
+from fusedoptim import LAMB, LARS, AdaBelief, Adan, AdEMAMix, FusedOptimizer, RaLars, TAdam
 
 #: The independent float64 oracle of each optimizer (tests/oracles.py), called with the optimizer's own kwargs.
 ORACLES: dict[type, Callable[..., torch.Tensor]] = {
@@ -53,6 +54,19 @@ CASES: list[Case] = [
     Case("ademamix-warmup-wd", AdEMAMix, dict(lr=1e-2, weight_decay=0.1, alpha_warmup=4, beta3_warmup=5),
          dict(alpha_warmup=None, beta3_warmup=2)),
     Case("ademamix-beta1-0-maximize", AdEMAMix, dict(lr=1e-2, betas=(0.0, 0.999, 0.9999), maximize=True)),
+    Case("lars", LARS, dict(lr=0.1), dict(lr=0.05)),
+    Case("lars-momentum-wd", LARS, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2,
+                                        trust_coefficient=0.02), dict(momentum=0.5)),
+    Case("lars-nesterov-clip", LARS, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2,
+                                          scale_clip=(0.5, 2.0)), dict(weight_decay=0.0)),
+    Case("lamb", LAMB, dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99))),
+    Case("lamb-wd-clip", LAMB, dict(lr=1e-2, weight_decay=0.1, scale_clip=(0.5, 2.0)), dict(weight_decay=0.0)),
+    Case("lamb-holocron-maximize", LAMB, dict(lr=1e-2, weight_decay=0.1, bias_correction=False, maximize=True)),
+    Case("ralars", RaLars, dict(lr=1e-2, weight_decay=0.1), dict(weight_decay=0.0, betas=(0.9, 0.99))),
+    Case("ralars-forced-clip", RaLars, dict(lr=1e-2, force_adaptive_momentum=True, scale_clip=(0.5, 2.0))),
+    Case("tadam", TAdam, dict(lr=1e-2), dict(dof=3.0)),
+    Case("tadam-wd-amsgrad", TAdam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True), dict(amsgrad=True, dof=math.inf)),
+    Case("tadam-dof-inf", TAdam, dict(lr=1e-2, dof=math.inf)),
 ]
 
 CASE_IDS = [c.name for c in CASES]

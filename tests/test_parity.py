@@ -12,6 +12,8 @@ import pytest
 import torch
 from cases import CASES, DTYPES
 from helpers import (
+    FP32_ATOL,
+    FP32_RTOL,
     PROFILES,
     assert_param_close,
     assert_state_close,
@@ -49,11 +51,17 @@ def test_triton_matches_reference(case, profile, steps, dtype):
         set_grads(ref_groups, grads)
         fused.step()
         ref.step()
+        fused_factors, ref_factors = fused.last_factors(), ref.last_factors()
+        assert len(fused_factors) == len(ref_factors)
         for gi, (fg, rg) in enumerate(zip(fused_groups, ref_groups, strict=True)):
             for ti, (pf, pr) in enumerate(zip(fg, rg, strict=True)):
                 what = f"{case.name} {profile} step {step} group {gi} tensor {ti} {tuple(pf.shape)}"
                 assert_param_close(pf, pr, what)
                 assert_state_close(fused, pf, ref, pr, what)
+                if pf in fused_factors:  # the per-tensor statistics of rules with two passes
+                    for name, value in fused_factors[pf].items():
+                        torch.testing.assert_close(value, ref_factors[pr][name], rtol=FP32_RTOL, atol=FP32_ATOL,
+                                                   msg=lambda m, n=name, w=what: f"{w} {n}: {m}")
                 if dtype != torch.float32:  # measure the next step on its own
                     pr.copy_(pf)
                     for name, value in fused.state[pf].items():

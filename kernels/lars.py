@@ -1,0 +1,26 @@
+"""LARS rules (You et al., 2017, https://arxiv.org/abs/1708.03888, Alg. 1). Reference: fusedoptim/lars.py."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def lars_prepare(param, grad, state, step,
+                 lr, momentum, dampening, weight_decay, trust_coefficient, scale_lo, scale_hi,
+                 use_momentum: tl.constexpr, nesterov: tl.constexpr):
+    return state, (param * param, grad * grad)
+
+
+@triton.jit
+def lars_apply(param, grad, state, step, trust_ratio,
+               lr, momentum, dampening, weight_decay, trust_coefficient, scale_lo, scale_hi,
+               use_momentum: tl.constexpr, nesterov: tl.constexpr):
+    update = trust_ratio * (grad + weight_decay * param)  # the local LR scales what enters the momentum
+    if use_momentum:
+        momentum_buffer = tl.where(step == 1.0, update, momentum * state[0] + (1.0 - dampening) * update)
+        if nesterov:
+            update = update + momentum * momentum_buffer
+        else:
+            update = momentum_buffer
+        state = (momentum_buffer,)
+    return param - lr * update, state

@@ -1,0 +1,42 @@
+"""RaLars rules (holocron: RAdam moments, Liu et al., 2019, with a LAMB trust ratio).
+
+Reference: fusedoptim/ralars.py.
+"""
+
+import triton
+import triton.language as tl
+
+from ._math import bias_correction
+
+
+@triton.jit
+def _ralars_direction(exp_avg, exp_avg_sq, step, log_beta1, log_beta2, eps, rectify_from_step,
+                      force_adaptive_momentum: tl.constexpr):
+    """The update before rectification and decay: adaptive m̂/(√v̂ + ε) once ρ_t > 4 (or if forced), else m̂."""
+    exp_avg = exp_avg / bias_correction(log_beta1, step)
+    adaptive = exp_avg / (tl.sqrt(exp_avg_sq / bias_correction(log_beta2, step)) + eps)
+    if force_adaptive_momentum:
+        return adaptive
+    return tl.where(step >= rectify_from_step, adaptive, exp_avg)
+
+
+@triton.jit
+def ralars_prepare(param, grad, state, step,
+                   lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, scale_lo, scale_hi, rectify_from_step,
+                   force_adaptive_momentum: tl.constexpr):
+    exp_avg = beta1 * state[0] + (1.0 - beta1) * grad
+    exp_avg_sq = beta2 * state[1] + (1.0 - beta2) * grad * grad
+    direction = _ralars_direction(exp_avg, exp_avg_sq, step, log_beta1, log_beta2, eps, rectify_from_step,
+                                  force_adaptive_momentum)
+    # ‖r·a + λθ‖² = r²‖a‖² + 2rλ a·θ + λ²‖θ‖²: finalize applies the rectification r_t in fp64
+    return (exp_avg, exp_avg_sq), (param * param, direction * direction, direction * param)
+
+
+@triton.jit
+def ralars_apply(param, grad, state, step, rectification, trust_ratio,
+                 lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, scale_lo, scale_hi, rectify_from_step,
+                 force_adaptive_momentum: tl.constexpr):
+    direction = _ralars_direction(state[0], state[1], step, log_beta1, log_beta2, eps, rectify_from_step,
+                                  force_adaptive_momentum)
+    update = rectification * direction + weight_decay * param
+    return param - lr * trust_ratio * update, state
