@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from oracles import adabelief_oracle, adan_oracle, ademamix_oracle
+from oracles import (
+    adabelief_oracle,
+    adan_oracle,
+    ademamix_oracle,
+    lamb_oracle,
+    lars_oracle,
+    ralars_oracle,
+    tadam_oracle,
+)
 
 from fusedoptim import LAMB, LARS, AdaBelief, Adan, AdEMAMix, FusedOptimizer, RaLars, TAdam
 
@@ -18,6 +26,10 @@ ORACLES: dict[type, Callable[..., torch.Tensor]] = {
     AdaBelief: adabelief_oracle,
     Adan: adan_oracle,
     AdEMAMix: ademamix_oracle,
+    LARS: lars_oracle,
+    LAMB: lamb_oracle,
+    RaLars: ralars_oracle,
+    TAdam: tadam_oracle,
 }
 
 

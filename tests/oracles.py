@@ -91,3 +91,96 @@ def ademamix_oracle(param, grads, lr, betas, alpha, eps, weight_decay, alpha_war
         update = (m1 / (1 - beta1**t) + alpha_t * m2) / denom + weight_decay * p
         p.add_(-lr * update)
     return p
+
+
+def _clamp(x, lo, hi):
+    return min(max(x, lo), hi)
+
+
+def lars_oracle(param, grads, lr, momentum, dampening, weight_decay, nesterov, scale_clip, trust_coefficient,
+                maximize):
+    """LARS as in the paper (Alg. 1) and timm: the local LR scales g + λθ before it enters torch-SGD momentum."""
+    lo, hi = scale_clip or (0.0, 10.0)
+    p = param.double().clone()
+    buf = None
+    for g in grads:
+        g = -g.double() if maximize else g.double()
+        w_norm, g_norm = p.norm().item(), g.norm().item()
+        if w_norm == 0 or g_norm == 0:
+            local_lr = 1.0
+        else:
+            local_lr = trust_coefficient * _clamp(w_norm, lo, hi) / (g_norm + weight_decay * w_norm)
+        d = local_lr * (g + weight_decay * p)
+        if momentum:
+            buf = d.clone() if buf is None else buf.mul_(momentum).add_(d, alpha=1 - dampening)
+            d = d + momentum * buf if nesterov else buf
+        p.add_(d, alpha=-lr)
+    return p
+
+
+def lamb_oracle(param, grads, lr, betas, eps, weight_decay, scale_clip, bias_correction, maximize):
+    """LAMB, Algorithm 2 of You et al. (2019), with φ = clamp(‖θ‖, scale_clip)."""
+    beta1, beta2 = betas
+    lo, hi = scale_clip or (0.0, 10.0)
+    p = param.double().clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = -g.double() if maximize else g.double()
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m_hat, v_hat = (m / (1 - beta1**t), v / (1 - beta2**t)) if bias_correction else (m, v)
+        r = m_hat / (v_hat.sqrt() + eps) + weight_decay * p
+        phi, r_norm = _clamp(p.norm().item(), lo, hi), r.norm().item()
+        ratio = 1.0 if phi == 0 or r_norm == 0 else phi / r_norm
+        p.add_(r, alpha=-lr * ratio)
+    return p
+
+
+def ralars_oracle(param, grads, lr, betas, eps, weight_decay, force_adaptive_momentum, scale_clip, maximize):
+    """holocron's RaLars (seed-semantics §4): RAdam moments, ρ_t > 4, then LAMB's trust ratio."""
+    beta1, beta2 = betas
+    lo, hi = scale_clip or (0.0, 10.0)
+    rho_inf = 2 / (1 - beta2) - 1
+    p = param.double().clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = -g.double() if maximize else g.double()
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        rho_t = rho_inf - 2 * t * beta2**t / bc2
+        if rho_t > 4:
+            r_t = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            u = r_t * (m / bc1) / ((v / bc2).sqrt() + eps)
+        elif force_adaptive_momentum:
+            u = (m / bc1) / ((v / bc2).sqrt() + eps)
+        else:
+            u = m / bc1
+        u = u + weight_decay * p
+        phi, u_norm = _clamp(p.norm().item(), lo, hi), u.norm().item()
+        ratio = 1.0 if phi == 0 or u_norm == 0 else phi / u_norm
+        p.add_(u, alpha=-lr * ratio)
+    return p
+
+
+def tadam_oracle(param, grads, lr, betas, eps, weight_decay, amsgrad, dof, maximize):
+    """TAdam as in the official Mahoumaru/TAdam code (k_dof·d degrees of freedom written as ν = dof or d)."""
+    beta1, beta2 = betas
+    p = param.double().clone()
+    d = p.numel()
+    nu = float(d) if dof is None else float(dof)
+    m, v, v_max = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    big_w = beta1 / (1 - beta1)
+    for t, g in enumerate(grads, start=1):
+        g = -g.double() if maximize else g.double()
+        g = g + weight_decay * p
+        s = ((g - m) ** 2 / (v + eps)).sum().item()
+        w = 1.0 if math.isinf(nu) else (nu + d) / (nu + s)
+        m.mul_(big_w / (big_w + w)).add_(g, alpha=w / (big_w + w))
+        big_w = big_w * (2 * beta1 - 1) / beta1 + w
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if amsgrad:
+            torch.max(v_max, v, out=v_max)
+        denom = ((v_max if amsgrad else v).sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+    return p

@@ -1,0 +1,145 @@
+"""Rules with per-tensor statistics (LARS, LAMB, RaLars, TAdam): hand-computed steps, edge cases, determinism
+and the launch budget of the two-pass step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from cases import CASES
+
+from fusedoptim import LAMB, LARS, RaLars, TAdam
+from fusedoptim.kernels import LAUNCH_COUNTS
+
+BACKENDS = ["reference", "triton"]
+LAYERWISE = [c for c in CASES if c.cls.num_sums]
+
+
+def _one_step(opt_cls, theta, grad, backend, **kwargs):
+    p = torch.tensor(theta)
+    opt = opt_cls([p], backend=backend, **kwargs)
+    p.grad = torch.tensor(grad)
+    opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lamb_step_by_hand(backend):
+    # θ = (3, 4): ‖θ‖ = 5. First step: m̂ = g, v̂ = g², so r = g/(|g| + ε) = (1, -1) up to ε.
+    # u = r + λθ = (1.3, -0.6), ‖u‖ = √2.05; θ₁ = θ − lr·φ(5)/‖u‖·u.
+    p, opt = _one_step(LAMB, [3.0, 4.0], [1.0, -2.0], backend, lr=0.1, weight_decay=0.1)
+    ratio = 5.0 / math.sqrt(1.3**2 + 0.6**2)
+    torch.testing.assert_close(p, torch.tensor([3.0 - 0.1 * ratio * 1.3, 4.0 + 0.1 * ratio * 0.6]),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(opt.last_factors()[p]["trust_ratio"], torch.tensor(ratio), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lars_step_by_hand(backend):
+    # θ = (3, 4), g = (0.6, 0.8): ‖θ‖ = 5, ‖g‖ = 1. γ = η·5/(1 + λ·5) with η = 0.5, λ = 0.01;
+    # d = γ(g + λθ) = γ·(0.63, 0.84); θ₁ = θ − lr·d (the first momentum buffer is d itself).
+    p, opt = _one_step(LARS, [3.0, 4.0], [0.6, 0.8], backend, lr=0.1, momentum=0.9, weight_decay=0.01,
+                       trust_coefficient=0.5)
+    gamma = 0.5 * 5.0 / (1.0 + 0.01 * 5.0)
+    expected = torch.tensor([3.0 - 0.1 * gamma * 0.63, 4.0 - 0.1 * gamma * 0.84])
+    torch.testing.assert_close(p, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch.tensor([gamma * 0.63, gamma * 0.84]),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("scale_clip", "phi"), [((0.0, 2.0), 2.0), ((6.0, 10.0), 6.0), ((0.0, 10.0), 5.0)])
+def test_scale_clip_clamps_both_ends(backend, scale_clip, phi):
+    _, lars = _one_step(LARS, [3.0, 4.0], [0.6, 0.8], backend, lr=0.1, scale_clip=scale_clip)
+    assert next(iter(lars.last_factors().values()))["trust_ratio"].item() == pytest.approx(phi, rel=1e-6)
+    _, lamb = _one_step(LAMB, [3.0, 4.0], [1.0, -1.0], backend, lr=0.1, scale_clip=scale_clip)
+    assert next(iter(lamb.last_factors().values()))["trust_ratio"].item() == pytest.approx(phi / math.sqrt(2),
+                                                                                            rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LAYERWISE, ids=lambda c: c.name)
+def test_zero_tensor_zero_gradient_zero_update(case, backend):
+    """‖θ‖ = 0, g = 0 (so a zero update where there is no decay) and a 0-d param: finite, ratios 1 where a
+    norm is 0, and a zero gradient without decay leaves θ unchanged."""
+    zero_param, zero_grad, scalar = torch.zeros(6), torch.randn(5), torch.tensor(0.7)
+    opt = case.make([zero_param, zero_grad, scalar], backend=backend)
+    for _ in range(3):
+        zero_param.grad, zero_grad.grad, scalar.grad = torch.randn(6), torch.zeros(5), torch.tensor(0.3)
+        before = zero_grad.clone()
+        opt.step()
+        for p in (zero_param, zero_grad, scalar):
+            assert torch.isfinite(p).all(), case.name
+            assert all(torch.isfinite(v).all() for v in opt.state[p].values()), case.name
+        decays = case.full_kwargs().get("weight_decay", 0.0) != 0
+        if not decays and case.cls is not TAdam:  # TAdam's first moment still moves towards 0 ...
+            assert torch.equal(zero_grad, before), case.name
+    factors = opt.last_factors()
+    if case.cls in (LAMB, LARS) and not case.full_kwargs().get("weight_decay"):
+        assert factors[zero_grad]["trust_ratio"].item() == 1.0  # ‖g‖ = 0 (LARS) or ‖u‖ = 0 (LAMB)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ralars_rectification_starts_when_rho_exceeds_4(backend):
+    p = torch.randn(20)
+    opt = RaLars([p], lr=1e-2, backend=backend)
+    beta2 = torch.tensor(0.999, dtype=torch.float32).item()  # the β2 the kernels see, used consistently
+    rho_inf = 2 / (1 - beta2) - 1
+    for t in range(1, 9):
+        p.grad = torch.randn(20)
+        opt.step()
+        rho_t = rho_inf - 2 * t * beta2**t / (1 - beta2**t)
+        expected = 1.0 if t < 5 else math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
+                                               / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        assert opt.last_factors()[p]["rectification"].item() == pytest.approx(expected, rel=1e-5), t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tadam_dof_inf_is_adam(backend):
+    ours = torch.randn(30)
+    theirs = ours.clone()
+    opt = TAdam([ours], lr=1e-2, dof=math.inf, backend=backend)
+    adam = torch.optim.Adam([theirs], lr=1e-2, foreach=False)
+    for _ in range(10):
+        g = torch.randn(30)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        adam.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_tadam_rejects_beta1_zero():
+    with pytest.raises(ValueError, match="betas\\[0\\] > 0"):
+        TAdam([torch.randn(3)], betas=(0.0, 0.999))
+
+
+@pytest.mark.parametrize("case", LAYERWISE, ids=lambda c: c.name)
+def test_fused_runs_are_bitwise_identical(case):
+    runs = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(n, generator=gen) for n in (5000, 9000, 3)]
+        opt = case.make(params, backend="triton")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append((params, [f for v in opt.last_factors().values() for f in v.values()]))
+    (a, fa), (b, fb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(fa, fb, strict=True))
+
+
+@pytest.mark.parametrize("case", list({c.cls: c for c in reversed(LAYERWISE)}.values()), ids=lambda c: c.name)
+def test_at_most_three_launches_whatever_the_tensor_count(case):
+    counts = {}
+    for n in (10, 1000):
+        params = [torch.ones(3) for _ in range(n)]
+        opt = case.make(params, backend="triton")
+        for p in params:
+            p.grad = torch.ones(3)
+        before = sum(LAUNCH_COUNTS.values())
+        opt.step()
+        counts[n] = sum(LAUNCH_COUNTS.values()) - before
+    assert counts == {10: 3, 1000: 3}  # pass A, segment sum, pass B
