@@ -52,8 +52,7 @@ def launch_step(
     rule: triton.JITFunction,
     flags: tuple,
     tables: torch.Tensor,
-    num_tensors: int,
-    num_chunks: int,
+    sizes: tuple[int, int, int],
     steps: torch.Tensor,
     states: Sequence[torch.Tensor],
     hyper: tuple[float, ...],
@@ -68,18 +67,17 @@ def launch_step(
 ) -> None:
     """One launch of the multi-tensor template over a bucket.
 
-    ``tables`` is one int64 tensor laid out as [param_ptrs | grad_ptrs | state_offsets | numels |
-    first_chunk (T + 1) | chunk_tensor | chunk_start] (T, T, T, T, T + 1, C, C entries), built on the host
-    and copied to the device in a single transfer. With ``partials`` ([C, K]) this is pass A of a reduction
-    rule, with ``factors`` ([T, F]) pass B.
+    ``tables`` is one int64 tensor packing the address tables and the chunk table (see ``split_tables``), built
+    on the host and copied to the device in a single transfer; ``sizes`` = (tensors, segments, chunks). With
+    ``partials`` ([C, K]) this is pass A of a rule with per-tensor statistics, with ``factors`` ([S, F]) pass B.
     """
-    param_ptrs, grad_ptrs, state_offsets, numels, _, chunk_tensor, chunk_start = split_tables(
-        tables, num_tensors, num_chunks)
+    (param_ptrs, grad_ptrs, state_offsets, _, _, chunk_tensor, chunk_start, chunk_end,
+     chunk_segment) = split_tables(tables, *sizes)
     # Triton launches on the *current* CUDA device, which need not be the bucket's.
     guard = torch.cuda.device(steps.device) if steps.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        multi_tensor_step_kernel[(num_chunks,)](
-            param_ptrs, grad_ptrs, state_offsets, numels, steps, chunk_tensor, chunk_start,
+        multi_tensor_step_kernel[(sizes[2],)](
+            param_ptrs, grad_ptrs, state_offsets, steps, chunk_tensor, chunk_start, chunk_end, chunk_segment,
             tuple(states), tuple(hyper), steps if partials is None else partials, steps if factors is None else factors,
             RULE=rule, FLAGS=tuple(flags), PARAM_DTYPE=_TL_DTYPES[param_dtype], MAXIMIZE=maximize,
             ALIGNED=aligned, BLOCK=block_size(),
@@ -90,21 +88,22 @@ def launch_step(
     LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
 
 
-def launch_segment_sum(partials: torch.Tensor, tables: torch.Tensor, num_tensors: int, num_chunks: int,
+def launch_segment_sum(partials: torch.Tensor, tables: torch.Tensor, sizes: tuple[int, int, int],
                        sums: torch.Tensor) -> None:
-    """sums[t, k] = the partials of tensor t's chunks, added in a fixed order (one program per tensor)."""
-    first_chunk = split_tables(tables, num_tensors, num_chunks)[4]
+    """sums[s, k] = the partials of segment s's chunks, added in a fixed order (one program per segment)."""
+    segment_begin, segment_end = split_tables(tables, *sizes)[3:5]
     num_sums = partials.shape[1]
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        segment_sum_kernel[(num_tensors,)](
-            partials, first_chunk, sums, NUM_SUMS=num_sums, SUMS_POW2=triton.next_power_of_2(num_sums),
-            CHUNKS=64 if INTERPRETED else 16, num_warps=1)
+        segment_sum_kernel[(sizes[1],)](
+            partials, segment_begin, segment_end, sums, NUM_SUMS=num_sums,
+            SUMS_POW2=triton.next_power_of_2(num_sums), CHUNKS=64 if INTERPRETED else 16, num_warps=1)
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 
-def split_tables(tables: torch.Tensor, t: int, c: int) -> tuple[torch.Tensor, ...]:
-    """The views of the packed table: param_ptrs, grad_ptrs, state_offsets, numels, first_chunk,
-    chunk_tensor, chunk_start."""
-    bounds = [0, t, 2 * t, 3 * t, 4 * t, 5 * t + 1, 5 * t + 1 + c, 5 * t + 1 + 2 * c]
+def split_tables(tables: torch.Tensor, t: int, s: int, c: int) -> tuple[torch.Tensor, ...]:
+    """Views of the packed table: param_ptrs, grad_ptrs, state_offsets (T each), segment_begin, segment_end
+    (S each), chunk_tensor, chunk_start, chunk_end, chunk_segment (C each)."""
+    sizes = [t, t, t, s, s, c, c, c, c]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     return tuple(tables[a:b] for a, b in zip(bounds, bounds[1:], strict=False))

@@ -59,19 +59,20 @@ def multi_tensor_step_kernel(
     param_ptrs,      # int64[T]: data_ptr() of each parameter (PARAM_DTYPE, contiguous); written in place
     grad_ptrs,       # int64[T]: data_ptr() of each gradient (PARAM_DTYPE, contiguous); read only
     state_offsets,   # int64[T]: start of tensor t's segment in every flat state buffer (multiple of 16)
-    numels,          # int64[T]: element count of tensor t
     steps,           # fp32[T]: step count of tensor t, already advanced for this step
     chunk_tensor,    # int64[C]: the tensor that chunk c (= program c) works on
-    chunk_start,     # int64[C]: first element of chunk c inside its tensor (multiple of BLOCK)
+    chunk_start,     # int64[C]: first element of chunk c inside its tensor
+    chunk_end,       # int64[C]: one past its last element (at most chunk_start + BLOCK)
+    chunk_segment,   # int64[C]: the row of `factors` that chunk c reads in pass B
     state_ptrs,      # tuple of flat fp32 state buffers, one per state name
     hyper,           # tuple of runtime scalars, in the rule's argument order (never constexpr: no recompiles)
     partials,        # fp32[C, NUM_SUMS]: pass A's per-chunk sums (unused when NUM_SUMS == 0)
-    factors,         # fp32[T, NUM_FACTORS]: pass B's per-tensor factors from finalize (unused when 0)
+    factors,         # fp32[S, NUM_FACTORS]: pass B's per-segment factors from finalize (unused when 0)
     RULE: tl.constexpr,         # the @triton.jit rule
     FLAGS: tl.constexpr,        # tuple of the rule's structural options (amsgrad, ...)
     PARAM_DTYPE: tl.constexpr,  # dtype of params and grads; math and state are fp32
     MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,      # host-checked: every param and grad address is 16-byte aligned
+    ALIGNED: tl.constexpr,      # host-checked: every param, grad and chunk start is 16-byte aligned
     BLOCK: tl.constexpr,
     NUM_SUMS: tl.constexpr = 0,
     NUM_FACTORS: tl.constexpr = 0,
@@ -81,50 +82,54 @@ def multi_tensor_step_kernel(
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_tensor + chunk)
     start = tl.load(chunk_start + chunk)                   # int64: tensors above 2**31 elements exist
-    numel = tl.load(numels + tensor)
+    end = tl.load(chunk_end + chunk)
     idx = start + tl.arange(0, BLOCK).to(tl.int64)
     param_ptr = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)) + idx
     grad_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)) + idx
     # Hints must sit on the pointer tensor: on the int64 address or the offsets they are ignored and
     # the loads stay 32-bit (measured: 114 regs and 32-bit vs 48 regs and 128-bit, sm_90).
+    state_offset = tl.load(state_offsets + tensor) + idx
     if ALIGNED:
         param_ptr = tl.max_contiguous(tl.multiple_of(param_ptr, 16), BLOCK)
         grad_ptr = tl.max_contiguous(tl.multiple_of(grad_ptr, 16), BLOCK)
-    state_offset = tl.max_contiguous(tl.multiple_of(tl.load(state_offsets + tensor) + idx, 16), BLOCK)
+        state_offset = tl.max_contiguous(tl.multiple_of(state_offset, 16), BLOCK)
     hyper_fp32 = ()
     for i in tl.static_range(len(hyper)):
         hyper_fp32 = hyper_fp32 + (tl.cast(hyper[i], tl.float32),)  # `.to` fails on floats in the interpreter
     tensor_factors = ()
-    for f in tl.static_range(NUM_FACTORS):
-        tensor_factors = tensor_factors + (tl.load(factors + tensor * NUM_FACTORS + f),)
+    if NUM_FACTORS > 0:
+        segment = tl.load(chunk_segment + chunk)
+        for f in tl.static_range(NUM_FACTORS):
+            tensor_factors = tensor_factors + (tl.load(factors + segment * NUM_FACTORS + f),)
     step = tl.load(steps + tensor)
     partial_ptr = partials + chunk.to(tl.int64) * NUM_SUMS
     # A mask blocks vectorisation, so full blocks take an unmasked path and only the tail is masked.
-    if start + BLOCK <= numel:
+    if start + BLOCK <= end:
         _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, None, step, tensor_factors, hyper_fp32,
                     partial_ptr, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM, STORE_STATE)
     else:
-        _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, idx < numel, step, tensor_factors, hyper_fp32,
+        _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, idx < end, step, tensor_factors, hyper_fp32,
                     partial_ptr, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM, STORE_STATE)
 
 
 @triton.jit
 def segment_sum_kernel(
-    partials,        # fp32[C, NUM_SUMS]: per-chunk sums from pass A, the chunks of a tensor consecutive
-    first_chunk,     # int64[T + 1]: tensor t owns chunks first_chunk[t] .. first_chunk[t + 1] - 1
-    sums,            # fp32[T, NUM_SUMS]: output
+    partials,        # fp32[C, NUM_SUMS]: per-chunk sums from pass A, the chunks of a segment consecutive
+    segment_begin,   # int64[S]: segment s is chunks segment_begin[s] .. segment_end[s] - 1
+    segment_end,     # int64[S]
+    sums,            # fp32[S, NUM_SUMS]: output
     NUM_SUMS: tl.constexpr,
     SUMS_POW2: tl.constexpr,    # NUM_SUMS rounded up to a power of two (tl.arange needs one)
     CHUNKS: tl.constexpr,       # chunk rows added per iteration
 ):
-    """One program per tensor adds its chunks' partial sums in chunk order: deterministic, no atomics."""
-    tensor = tl.program_id(0)
-    begin = tl.load(first_chunk + tensor)
-    end = tl.load(first_chunk + tensor + 1)
+    """One program per segment adds its chunks' partial sums in chunk order: deterministic, no atomics."""
+    segment = tl.program_id(0)
+    begin = tl.load(segment_begin + segment)
+    end = tl.load(segment_end + segment)
     k = tl.arange(0, SUMS_POW2)
     acc = tl.zeros((CHUNKS, SUMS_POW2), dtype=tl.float32)
     for row0 in range(begin, end, CHUNKS):
         rows = row0 + tl.arange(0, CHUNKS).to(tl.int64)
         mask = (rows[:, None] < end) & (k[None, :] < NUM_SUMS)
         acc += tl.load(partials + rows[:, None] * NUM_SUMS + k[None, :], mask=mask, other=0.0)
-    tl.store(sums + tensor.to(tl.int64) * NUM_SUMS + k, tl.sum(acc, axis=0), mask=k < NUM_SUMS)
+    tl.store(sums + segment.to(tl.int64) * NUM_SUMS + k, tl.sum(acc, axis=0), mask=k < NUM_SUMS)

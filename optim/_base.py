@@ -23,6 +23,21 @@ BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
 
 
 @dataclass(eq=False)
+class SegmentLayout:
+    """What finalize knows of a bucket: sums[s] is tensor s for s < T, then one row per row of each tensor with
+    rows (``row_lengths`` not None; AdamP's channel view), in tensor order."""
+
+    numels: torch.Tensor       # fp32[T]
+    row_lengths: list[int | None]
+    row_tensor: torch.Tensor   # int64[R]: the tensor of each row segment
+    first_row: list[int]       # host: index of tensor t's first row among the R rows
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.row_lengths) + self.row_tensor.numel()
+
+
+@dataclass(eq=False)
 class Bucket:
     """The tensors of one param group that share a dtype, with their flat state.
 
@@ -41,12 +56,13 @@ class Bucket:
     states: dict[str, torch.Tensor]
     steps: torch.Tensor
     param_ptrs: list[int]
-    # Rules with per-tensor statistics: per-tensor scalar states (e.g. TAdam's W_t), the element counts as
-    # fp32 for finalize, and the last step's per-tensor sums and factors (readable for logging, no sync).
+    # Rules with per-tensor statistics: per-tensor scalar states (e.g. TAdam's W_t), the segment layout that
+    # finalize sees, and the last step's per-segment sums and factors (readable for logging, no sync).
     tensor_states: dict[str, torch.Tensor] = field(default_factory=dict)
-    numels_fp32: torch.Tensor | None = None
+    segments: SegmentLayout | None = None
     sums: torch.Tensor | None = None
     factors: torch.Tensor | None = None
+    sizes: tuple[int, int, int] = (0, 0, 0)  # tensors, segments, chunks of the current tables
     # Device-side tables of the last launch, rebuilt only when a pointer or the set of active tensors changes.
     table_key: tuple = ()
     tables: torch.Tensor | None = None
@@ -86,6 +102,8 @@ class FusedOptimizer(Optimizer):
     tensor_state_names: ClassVar[tuple[str, ...]] = ()
     prepare_writes_state: ClassVar[bool] = False
     apply_writes_state: ClassVar[bool] = True
+    #: Rules that need per-row (channel) statistics of params with ndim > 1 as well (AdamP).
+    row_statistics: ClassVar[bool] = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
         if backend not in BACKENDS:
@@ -203,7 +221,15 @@ class FusedOptimizer(Optimizer):
             if self.num_sums:
                 bucket.tensor_states = {name: torch.zeros(len(members), dtype=torch.float32, device=device)
                                         for name in self.tensor_state_names}
-                bucket.numels_fp32 = torch.tensor(numels, dtype=torch.float32).to(device)
+                row_lengths = [p.numel() // p.shape[0] if self.row_statistics and p.dim() > 1 and p.numel() else None
+                               for p in members]
+                row_tensor = [t for t, p in enumerate(members) if row_lengths[t] is not None
+                              for _ in range(p.shape[0])]
+                first_row = [0] * len(members)
+                for t in range(1, len(members)):
+                    first_row[t] = first_row[t - 1] + (members[t - 1].shape[0] if row_lengths[t - 1] else 0)
+                bucket.segments = SegmentLayout(torch.tensor(numels, dtype=torch.float32).to(device), row_lengths,
+                                                torch.tensor(row_tensor, dtype=torch.int64).to(device), first_row)
             self._adopt_state(bucket)
             buckets.append(bucket)
         return buckets
@@ -265,7 +291,7 @@ class FusedOptimizer(Optimizer):
             if self.num_sums:
                 sums = self._triton_prepare(run) if fused else self._reference_prepare(run)
                 cls = type(self)
-                factors, tensor_states = cls.finalize(sums, bucket.steps, bucket.numels_fp32,
+                factors, tensor_states = cls.finalize(sums, bucket.steps, bucket.segments,
                                                       tuple(bucket.tensor_states.values()), *hyper, *flags)
                 for old, new in zip(bucket.tensor_states.values(), tensor_states, strict=True):
                     old.copy_(new if all_active else torch.where(self._active_mask(bucket, active) > 0, new, old))
@@ -307,8 +333,8 @@ class FusedOptimizer(Optimizer):
                 tuple(state[name] for name in run.bucket.state_names), state)
 
     def _reference_prepare(self, run: _Run) -> torch.Tensor:
-        bucket = run.bucket
-        sums = torch.zeros(len(bucket.params), self.num_sums, dtype=torch.float32, device=bucket.device)
+        bucket, segments = run.bucket, run.bucket.segments
+        sums = torch.zeros(segments.num_segments, self.num_sums, dtype=torch.float32, device=bucket.device)
         for i in run.active:
             param, grad, state_in, state = self._reference_inputs(run, i)
             new_state, terms = type(self).reference_prepare(param, grad, state_in, state["step"], *run.hyper,
@@ -317,17 +343,32 @@ class FusedOptimizer(Optimizer):
                 for name, value in zip(bucket.state_names, new_state, strict=True):
                     state[name].copy_(value)
             sums[i] = torch.stack([term.sum(dtype=torch.float32) for term in terms])
+            row_length = segments.row_lengths[i]
+            if row_length is not None:
+                first = len(bucket.params) + segments.first_row[i]
+                rows = torch.stack([term.reshape(-1, row_length).sum(1, dtype=torch.float32) for term in terms], 1)
+                sums[first:first + rows.shape[0]] = rows
         return sums
 
     def _reference_apply(self, run: _Run, factors: torch.Tensor | None) -> None:
+        bucket, segments = run.bucket, run.bucket.segments
         for i in run.active:
             param, grad, state_in, state = self._reference_inputs(run, i)
-            tensor_factors = () if factors is None else tuple(factors[i])
+            shape = param.shape
+            if factors is None:
+                tensor_factors = ()
+            elif segments.row_lengths[i] is None:
+                tensor_factors = tuple(factors[i])
+            else:  # per-row factors: the rule sees the tensor as [rows, row_length] and factors as [rows, 1]
+                first = len(bucket.params) + segments.first_row[i]
+                tensor_factors = tuple(factors[first:first + shape[0]].T[:, :, None])
+                param, grad = param.reshape(shape[0], -1), grad.reshape(shape[0], -1)
+                state_in = tuple(s.reshape(shape[0], -1) for s in state_in)
             param, new_state = type(self).reference_update(param, grad, state_in, state["step"], *tensor_factors,
                                                            *run.hyper, *run.flags)
-            run.bucket.params[i].copy_(param)
-            for name, value in zip(run.bucket.state_names, new_state, strict=True):
-                state[name].copy_(value)
+            bucket.params[i].copy_(param.reshape(shape))
+            for name, value in zip(bucket.state_names, new_state, strict=True):
+                state[name].copy_(value.reshape(shape))
 
     def _build_tables(self, run: _Run) -> None:
         """Refresh the bucket's device tables when a pointer or the set of tensors with a gradient changed."""
@@ -340,25 +381,27 @@ class FusedOptimizer(Optimizer):
         key = (run.active, tuple(bucket.param_ptrs), tuple(grad_ptrs))
         if key == bucket.table_key:
             return
-        chunk_tensor, chunk_start = chunk_table(bucket.numels, run.active, kernels.block_size())
-        first_chunk = [0] * (len(bucket.params) + 1)
-        for t in chunk_tensor:
-            first_chunk[t + 1] += 1
-        for t in range(len(bucket.params)):
-            first_chunk[t + 1] += first_chunk[t]
-        host = torch.tensor(bucket.param_ptrs + grad_ptrs + bucket.offsets + bucket.numels + first_chunk
-                            + chunk_tensor + chunk_start, dtype=torch.int64)
+        row_lengths = bucket.segments.row_lengths if bucket.segments is not None else None
+        table = chunk_table(bucket.numels, run.active, kernels.block_size(), row_lengths)
+        host = torch.tensor(bucket.param_ptrs + grad_ptrs + bucket.offsets + table.segment_begin + table.segment_end
+                            + table.chunk_tensor + table.chunk_start + table.chunk_end + table.chunk_segment,
+                            dtype=torch.int64)
         if bucket.device.type == "cuda":  # one async H2D copy; the pinned block is recycled safely by torch
             host = host.pin_memory().to(bucket.device, non_blocking=True)
-        bucket.tables, bucket.num_chunks, bucket.table_key = host, len(chunk_tensor), key
-        bucket.aligned = all(ptr % 16 == 0 for i in run.active for ptr in (bucket.param_ptrs[i], grad_ptrs[i]))
+        bucket.tables, bucket.table_key = host, key
+        bucket.num_chunks = len(table.chunk_tensor)
+        bucket.sizes = (len(bucket.params), len(table.segment_begin), bucket.num_chunks)
+        # 16-byte alignment of every address the aligned variant hints: params, grads, and chunk starts (rows of
+        # a per-row rule start anywhere; 16 elements keep both fp32 state and 16-bit params aligned).
+        bucket.aligned = (all(ptr % 16 == 0 for i in run.active for ptr in (bucket.param_ptrs[i], grad_ptrs[i]))
+                          and all(start % 16 == 0 for start in table.chunk_start))
 
     def _launch(self, run: _Run, rule: tuple[str, str], **kwargs: Any) -> None:
         from . import kernels
 
         bucket = run.bucket
         kernels.launch_step(
-            _kernel_rule(rule), run.flags, bucket.tables, len(bucket.params), bucket.num_chunks, bucket.steps,
+            _kernel_rule(rule), run.flags, bucket.tables, bucket.sizes, bucket.steps,
             [bucket.states[name] for name in bucket.state_names], run.hyper, bucket.dtype, run.maximize,
             bucket.aligned, **kwargs)
 
@@ -366,12 +409,12 @@ class FusedOptimizer(Optimizer):
         from . import kernels
 
         bucket = run.bucket
-        sums = torch.zeros(len(bucket.params), self.num_sums, dtype=torch.float32, device=bucket.device)
+        sums = torch.zeros(bucket.sizes[1], self.num_sums, dtype=torch.float32, device=bucket.device)
         if bucket.num_chunks:
             partials = torch.empty(bucket.num_chunks, self.num_sums, dtype=torch.float32, device=bucket.device)
             self._launch(run, type(self).kernel_prepare, partials=partials, store_param=False,
                          store_state=self.prepare_writes_state)
-            kernels.launch_segment_sum(partials, bucket.tables, len(bucket.params), bucket.num_chunks, sums)
+            kernels.launch_segment_sum(partials, bucket.tables, bucket.sizes, sums)
         return sums
 
     def _triton_apply(self, run: _Run, factors: torch.Tensor | None) -> None:

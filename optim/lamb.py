@@ -31,7 +31,7 @@ def lamb_prepare(param, grad, state, step,
     return (exp_avg, exp_avg_sq), (param * param, update * update)
 
 
-def lamb_finalize(sums, steps, numels, tensor_states,
+def lamb_finalize(sums, steps, segments, tensor_states,
                   lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, scale_lo, scale_hi,
                   bias_correction):
     """Per-tensor trust ratio φ(‖θ‖)/‖u‖, 1 where φ(‖θ‖) or ‖u‖ is 0. Shared by both paths."""

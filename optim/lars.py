@@ -19,7 +19,7 @@ def lars_prepare(param, grad, state, step,
     return state, (param * param, grad * grad)
 
 
-def lars_finalize(sums, steps, numels, tensor_states,
+def lars_finalize(sums, steps, segments, tensor_states,
                   lr, momentum, dampening, weight_decay, trust_coefficient, scale_lo, scale_hi,
                   use_momentum, nesterov):
     """Per-tensor local LR η·φ(‖θ‖)/(‖g‖ + λ‖θ‖), 1 where ‖θ‖ or ‖g‖ is 0. Shared by both paths."""

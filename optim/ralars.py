@@ -36,7 +36,7 @@ def ralars_prepare(param, grad, state, step,
     return (exp_avg, exp_avg_sq), (param * param, direction * direction, direction * param)
 
 
-def ralars_finalize(sums, steps, numels, tensor_states,
+def ralars_finalize(sums, steps, segments, tensor_states,
                     lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, scale_lo, scale_hi, rectify_from_step,
                     force_adaptive_momentum):
     """Per-tensor rectification r_t (fp64: ρ_t is a difference of numbers near 2/(1-β2) that loses 4 digits in

@@ -22,14 +22,14 @@ def tadam_prepare(param, grad, state, step,
     return state, (residual * residual / (state[1] + eps),)
 
 
-def tadam_finalize(sums, steps, numels, tensor_states,
+def tadam_finalize(sums, steps, segments, tensor_states,
                    lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, dof,
                    amsgrad, l2):
     """Per-tensor weight w = (ν + d)/(ν + Σ(g−m)²/(v+ε)) and the mixing weights W/(W + w), w/(W + w) of the
     first moment; W_t ← W·(2β1 − 1)/β1 + w (W_0 = β1/(1 − β1)). ν = dof, or d = numel when dof is None
     (passed as 0); ν = inf gives w = 1, i.e. Adam. Shared by both paths."""
     (total_weight,) = tensor_states
-    d = numels.double()
+    d = segments.numels.double()
     nu = d if dof == 0 else torch.full_like(d, dof)
     weight = torch.where(torch.isinf(nu), 1.0, (nu + d) / (nu + sums[:, 0].double()))
     total_weight = torch.where(steps == 1, beta1 / (1.0 - beta1), total_weight.double())

@@ -18,7 +18,7 @@ def _launches_per_step(opt, params, steps=2):
     return (LAUNCH_COUNTS["multi_tensor_step_kernel"] - before) / steps
 
 
-FIRST_CASES = list({case.cls: case for case in reversed(CASES)}.values())
+FIRST_CASES = list({case.cls: case for case in reversed(CASES) if not case.cls.num_sums}.values())
 
 
 @pytest.mark.parametrize("case", FIRST_CASES, ids=lambda c: c.name)

@@ -18,17 +18,31 @@ def test_segments_are_aligned_and_disjoint(numels):
     assert total % SEGMENT_ALIGN == 0 and total < sum(numels) + SEGMENT_ALIGN * len(numels)
 
 
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("block", [16, 1024, 4096])
 @pytest.mark.parametrize("numels", SIZES)
-def test_chunks_cover_each_element_once(numels, block):
+def test_chunks_cover_each_element_once(numels, block, rows):
     active = [t for t in range(len(numels)) if t % 3 != 1]
-    chunk_tensor, chunk_start = chunk_table(numels, active, block)
-    covered = {(t, i) for t, s in zip(chunk_tensor, chunk_start, strict=True)
-               for i in range(s, min(s + block, numels[t]))}
-    expected = {(t, i) for t in active for i in range(numels[t])}
-    assert covered == expected
-    assert len(chunk_tensor) == sum(-(-numels[t] // block) for t in active)
-    assert all(s % block == 0 for s in chunk_start)
+    row_lengths = [n // 4 if rows and n % 4 == 0 and n else None for n in numels] if rows else None
+    table = chunk_table(numels, active, block, row_lengths)
+    spans = list(zip(table.chunk_tensor, table.chunk_start, table.chunk_end, strict=True))
+    covered = [(t, i) for t, start, end in spans for i in range(start, end)]
+    assert sorted(covered) == sorted((t, i) for t in active for i in range(numels[t]))  # each element once
+    assert all(0 < end - start <= block for _, start, end in spans)
+    # segments: tensor t is its chunks in order; each row segment is the chunks inside that row
+    for t in range(len(numels)):
+        chunks = range(table.segment_begin[t], table.segment_end[t])
+        assert [table.chunk_tensor[c] for c in chunks] == ([t] * len(chunks))
+        assert len(chunks) == (sum(1 for c in table.chunk_tensor if c == t))
+    if rows:
+        for c, (t, start, end) in enumerate(spans):
+            length = row_lengths[t]
+            if length is not None:
+                assert start // length == (end - 1) // length  # never crosses a row
+                segment = table.chunk_segment[c]
+                assert table.segment_begin[segment] <= c < table.segment_end[segment]
+            else:
+                assert table.chunk_segment[c] == t
 
 
 def test_bytes_model_matches_design_minimums():
