@@ -6,6 +6,7 @@ of tensors; on CPU tensors a pure-PyTorch reference runs the same rule.
 
 from ._base import BACKENDS, FusedOptimizer
 from .adabelief import AdaBelief
+from .adamp import AdamP
 from .adan import Adan
 from .ademamix import AdEMAMix
 from .lamb import LAMB
@@ -13,5 +14,5 @@ from .lars import LARS
 from .ralars import RaLars
 from .tadam import TAdam
 
-__all__ = ["BACKENDS", "LAMB", "LARS", "AdaBelief", "AdEMAMix", "Adan", "FusedOptimizer", "RaLars", "TAdam"]
+__all__ = ["BACKENDS", "LAMB", "LARS", "AdaBelief", "AdamP", "AdEMAMix", "Adan", "FusedOptimizer", "RaLars", "TAdam"]
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ class SegmentLayout:
     row_lengths: list[int | None]
     row_tensor: torch.Tensor   # int64[R]: the tensor of each row segment
     first_row: list[int]       # host: index of tensor t's first row among the R rows
+    fan_in: torch.Tensor       # fp32[T]: row length of tensors with rows, 0 for the others
 
     @property
     def num_segments(self) -> int:
@@ -228,8 +229,10 @@ class FusedOptimizer(Optimizer):
                 first_row = [0] * len(members)
                 for t in range(1, len(members)):
                     first_row[t] = first_row[t - 1] + (members[t - 1].shape[0] if row_lengths[t - 1] else 0)
+                fan_in = [r or 0 for r in row_lengths]
                 bucket.segments = SegmentLayout(torch.tensor(numels, dtype=torch.float32).to(device), row_lengths,
-                                                torch.tensor(row_tensor, dtype=torch.int64).to(device), first_row)
+                                                torch.tensor(row_tensor, dtype=torch.int64).to(device), first_row,
+                                                torch.tensor(fan_in, dtype=torch.float32).to(device))
             self._adopt_state(bucket)
             buckets.append(bucket)
         return buckets

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from oracles import (
     adabelief_oracle,
+    adamp_oracle,
     adan_oracle,
     ademamix_oracle,
     lamb_oracle,
@@ -19,7 +20,7 @@ from oracles import (
     tadam_oracle,
 )
 
-from fusedoptim import LAMB, LARS, AdaBelief, Adan, AdEMAMix, FusedOptimizer, RaLars, TAdam
+from fusedoptim import LAMB, LARS, AdaBelief, AdamP, Adan, AdEMAMix, FusedOptimizer, RaLars, TAdam
 
 #: The independent float64 oracle of each optimizer (tests/oracles.py), called with the optimizer's own kwargs.
 ORACLES: dict[type, Callable[..., torch.Tensor]] = {
@@ -30,6 +31,7 @@ ORACLES: dict[type, Callable[..., torch.Tensor]] = {
     LAMB: lamb_oracle,
     RaLars: ralars_oracle,
     TAdam: tadam_oracle,
+    AdamP: adamp_oracle,
 }
 
 
@@ -79,6 +81,10 @@ CASES: list[Case] = [
     Case("tadam", TAdam, dict(lr=1e-2), dict(dof=3.0)),
     Case("tadam-wd-amsgrad", TAdam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True), dict(amsgrad=True, dof=math.inf)),
     Case("tadam-dof-inf", TAdam, dict(lr=1e-2, dof=math.inf)),
+    Case("adamp", AdamP, dict(lr=1e-2), dict(lr=3e-3, delta=0.5)),
+    Case("adamp-wd-nesterov", AdamP, dict(lr=1e-2, weight_decay=0.1, nesterov=True, delta=1.0), dict(nesterov=False)),
+    Case("adamp-amsgrad-maximize", AdamP, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, wd_ratio=0.5, delta=5.0,
+                                               maximize=True)),
 ]
 
 CASE_IDS = [c.name for c in CASES]

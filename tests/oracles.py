@@ -184,3 +184,35 @@ def tadam_oracle(param, grads, lr, betas, eps, weight_decay, amsgrad, dof, maxim
         denom = ((v_max if amsgrad else v).sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
         p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
     return p
+
+
+def adamp_oracle(param, grads, lr, betas, eps, weight_decay, amsgrad, delta, wd_ratio, nesterov, maximize):
+    """AdamP as in the official clovaai/AdamP code (channel view, then layer view; |cos|; ndim > 1 only;
+    decoupled decay scaled by wd_ratio when projected), plus amsgrad on v."""
+    beta1, beta2 = betas
+    p = param.double().clone()
+    m, v, v_max = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+
+    def cosine(x, y):  # torch.nn.functional.cosine_similarity(x, y, dim=1, eps=eps).abs()
+        return (x * y).sum(1).abs() / (x.norm(dim=1).clamp(min=eps) * y.norm(dim=1).clamp(min=eps))
+
+    for t, g in enumerate(grads, start=1):
+        g = -g.double() if maximize else g.double()
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if amsgrad:
+            torch.max(v_max, v, out=v_max)
+        denom = ((v_max if amsgrad else v).sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        perturb = (beta1 * m + (1 - beta1) * g) / denom if nesterov else m / denom
+        ratio = 1.0
+        if p.dim() > 1:
+            for view in (lambda x: x.reshape(x.shape[0], -1), lambda x: x.reshape(1, -1)):
+                if cosine(view(g), view(p)).max() < delta / math.sqrt(view(p).shape[1]):
+                    p_n = view(p) / (view(p).norm(dim=1, keepdim=True) + eps)
+                    perturb = (view(perturb) - p_n * (p_n * view(perturb)).sum(1, keepdim=True)).reshape(p.shape)
+                    ratio = wd_ratio
+                    break
+        if weight_decay > 0:
+            p.mul_(1 - lr * weight_decay * ratio)
+        p.add_(perturb, alpha=-lr / (1 - beta1**t))
+    return p

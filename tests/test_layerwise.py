@@ -9,7 +9,7 @@ import pytest
 import torch
 from cases import CASES
 
-from fusedoptim import LAMB, LARS, RaLars, TAdam
+from fusedoptim import LAMB, LARS, AdamP, RaLars, TAdam
 from fusedoptim.kernels import LAUNCH_COUNTS
 
 BACKENDS = ["reference", "triton"]
@@ -143,3 +143,52 @@ def test_at_most_three_launches_whatever_the_tensor_count(case):
         opt.step()
         counts[n] = sum(LAUNCH_COUNTS.values()) - before
     assert counts == {10: 3, 1000: 3}  # pass A, segment sum, pass B
+
+
+def _orthogonal_rows(theta: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A gradient whose every row is orthogonal to the same row of theta."""
+    g = torch.randn(theta.shape, generator=gen)
+    return g - theta * (g * theta).sum(1, keepdim=True) / (theta * theta).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["channel", "layer"])
+def test_adamp_projection_fires_on_orthogonal_gradients(backend, view):
+    """Per-row orthogonal gradients project channel-wise; a gradient orthogonal to θ only as a whole (rows
+    aligned with ±θ_c, cancelling) projects layer-wise. Both checked against the official algorithm."""
+    from oracles import adamp_oracle
+
+    gen = torch.Generator().manual_seed(5)
+    theta0 = torch.randn(6, 40, generator=gen)
+    if view == "channel":
+        grads = [_orthogonal_rows(theta0, gen)]
+    else:  # rows 0..2 along +θ_c, rows 3..5 along −θ_c scaled so that θ·g = 0 overall
+        g = theta0.clone()
+        g[3:] *= -(theta0[:3] ** 2).sum() / (theta0[3:] ** 2).sum()
+        grads = [g]
+    p = theta0.clone()
+    kwargs = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, amsgrad=False, delta=0.1,
+                  wd_ratio=0.1, nesterov=False)
+    opt = AdamP([p], backend=backend, **kwargs)
+    p.grad = grads[0].clone()
+    opt.step()
+    factors = opt.last_factors()[p]
+    assert torch.allclose(factors["decay"], torch.tensor(1 - 0.1 * 0.1 * 0.1))  # wd_ratio applied: projected
+    assert factors["projection"].item() == 0.0  # the tensor's own segment; the rows carry the coefficients
+    expected = adamp_oracle(theta0, grads, maximize=False, **kwargs)
+    torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6)
+    # the update kept θ's direction out: per row (channel) or as a whole (layer)
+    delta = (p - theta0 * (1 - 0.1 * 0.1 * 0.1)).double()
+    radial = (delta * theta0).sum(1) if view == "channel" else (delta * theta0).sum()
+    assert radial.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adamp_never_projects_1d_params(backend):
+    bias = torch.randn(64)
+    opt = AdamP([bias], lr=0.1, weight_decay=0.1, delta=1e9, backend=backend)  # any cosine passes the test
+    bias.grad = torch.randn(64)
+    opt.step()
+    factors = opt.last_factors()[bias]
+    assert factors["projection"].item() == 0.0
+    assert factors["decay"].item() == pytest.approx(1 - 0.1 * 0.1)  # no wd_ratio: not projected
