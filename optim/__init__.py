@@ -13,6 +13,20 @@ from .lamb import LAMB
 from .lars import LARS
 from .ralars import RaLars
 from .tadam import TAdam
+from .wrappers import Lookahead, Scout
 
-__all__ = ["BACKENDS", "LAMB", "LARS", "AdaBelief", "AdamP", "AdEMAMix", "Adan", "FusedOptimizer", "RaLars", "TAdam"]
+__all__ = [
+    "BACKENDS",
+    "LAMB",
+    "LARS",
+    "AdaBelief",
+    "AdamP",
+    "AdEMAMix",
+    "Adan",
+    "FusedOptimizer",
+    "Lookahead",
+    "RaLars",
+    "Scout",
+    "TAdam",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,193 @@
+"""Lookahead and Scout: the paper's algorithm, shared param groups, checkpoints, and Scout's NaN-free rate."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from fusedoptim import LAMB, AdEMAMix, Lookahead, Scout
+
+BASES = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "ademamix": lambda params: AdEMAMix(params, lr=1e-2),
+    "lamb-triton": lambda params: LAMB(params, lr=1e-2, weight_decay=0.1, backend="triton"),
+}
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(7, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(4, generator=gen).bfloat16()]
+
+
+def _grads(step, params):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+
+
+def _step(opt, params, step):
+    for p, g in zip(params, _grads(step, params), strict=True):
+        p.grad = g
+    opt.step()
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize(("rate", "period"), [(0.5, 6), (0.8, 1), (0.3, 4)])
+def test_lookahead_is_the_papers_algorithm(base, rate, period):
+    params, ref_params = _params(), _params()
+    opt = Lookahead(BASES[base](params), sync_rate=rate, sync_period=period)
+    ref = BASES[base](ref_params)
+    slow = [p.double() for p in ref_params]  # φ = θ₀, at construction
+    for step in range(1, 14):
+        _step(opt, params, step)
+        _step(ref, ref_params, step)
+        if step % period == 0:
+            with torch.no_grad():
+                for s, p in zip(slow, ref_params, strict=True):
+                    s += rate * (p.double() - s)
+                    p.copy_(s)
+        for p, q in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for p, s in zip(params, slow, strict=True):
+            torch.testing.assert_close(opt.state[p]["slow_param"].double(), s, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_rate_one_is_the_base_and_virtex_keywords():
+    params, ref_params = _params(), _params()
+    opt, ref = Lookahead(torch.optim.SGD(params, lr=0.1), sync_rate=1.0, sync_period=2), torch.optim.SGD(ref_params,
+                                                                                                      lr=0.1)
+    for step in range(1, 7):
+        _step(opt, params, step)
+        _step(ref, ref_params, step)
+    assert all(torch.equal(p, q) for p, q in zip(params, ref_params, strict=True))
+    # virtex: Lookahead(optimizer, k=5, alpha=0.8): p ← α·p + (1 − α)·slow every 5 steps
+    p = torch.randn(10)
+    slow = p.clone()
+    v = Lookahead(torch.optim.SGD([p], lr=0.1), k=5, alpha=0.8)
+    assert (v.sync_period, v.sync_rate) == (5, 0.8)
+    for step in range(5):
+        p.grad = torch.full((10,), float(step))
+        v.step()
+    fast = slow - 0.1 * (0 + 1 + 2 + 3 + 4)
+    torch.testing.assert_close(p, 0.8 * fast + 0.2 * slow)
+
+
+@pytest.mark.parametrize("wrapper", [Lookahead, Scout])
+@pytest.mark.parametrize("base", list(BASES))
+def test_checkpoint_mid_period_resumes_identically(wrapper, base):
+    params = _params()
+    opt = wrapper(BASES[base](params), sync_period=4)
+    for step in range(1, 7):  # 6 steps: one sync done, saved in the middle of the second period
+        _step(opt, params, step)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.clone() for p in params], "opt": opt.state_dict()}, buffer)
+    for step in range(7, 12):
+        _step(opt, params, step)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh_params = saved["params"]
+    fresh = wrapper(BASES[base](fresh_params), sync_period=4)
+    fresh.load_state_dict(saved["opt"])
+    assert fresh.fast_steps == 6
+    for step in range(7, 12):
+        _step(fresh, fresh_params, step)
+    for p, q in zip(params, fresh_params, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["slow_param"], fresh.state[q]["slow_param"])
+    assert opt.fast_steps == fresh.fast_steps == 11
+
+
+@pytest.mark.parametrize("wrapper", [Lookahead, Scout])
+def test_scheduler_and_add_param_group(wrapper):
+    params = _params()
+    opt = wrapper(AdEMAMix(params[:2], lr=0.1))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _step(opt, params[:2], 1)
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.05
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    opt.add_param_group({"params": [params[2]], "lr": 0.01})
+    for step in range(2, 14):
+        _step(opt, params, step)
+    assert all(torch.isfinite(p.float()).all() for p in params)
+    assert opt.state[params[2]]["slow_param"].dtype == torch.float32
+
+
+def test_slow_weight_swap_for_evaluation():
+    params = _params()
+    opt = Lookahead(torch.optim.SGD(params, lr=0.1), sync_period=3)
+    for step in range(1, 3):
+        _step(opt, params, step)
+    fast = [p.clone() for p in params]
+    with pytest.raises(RuntimeError, match="load_slow_weights"):
+        opt.restore_fast_weights()
+    opt.load_slow_weights()
+    assert all(torch.equal(p, opt.state[p]["slow_param"].to(p.dtype)) for p in params)
+    with pytest.raises(RuntimeError, match="already loaded"):
+        opt.load_slow_weights()
+    opt.restore_fast_weights()
+    assert all(torch.equal(p, f) for p, f in zip(params, fast, strict=True))
+
+
+def test_scout_frozen_entry_and_validation():
+    with pytest.raises(ValueError, match="sync_period"):
+        Scout(torch.optim.SGD([torch.randn(3)], lr=0.1), sync_period=1)
+    with pytest.raises(ValueError, match="sync_rate"):
+        Lookahead(torch.optim.SGD([torch.randn(3)], lr=0.1), sync_rate=1.5)
+    p, frozen = torch.randn(6), torch.randn(4)
+    opt = Scout(torch.optim.SGD([p, frozen], lr=0.1), sync_period=3)
+    for _ in range(1, 7):
+        p.grad = torch.randn(6)
+        p.grad[0] = 0.0  # one entry that never moves
+        frozen.grad = torch.zeros(4)  # a whole tensor that never moves
+        opt.step()
+        assert torch.isfinite(p).all() and torch.isfinite(frozen).all()
+    assert torch.isfinite(opt.last_rate())
+
+
+def test_scout_rate_is_holocrons_statistic():
+    """Without constant entries the rate equals holocron's formula: max(1 − mean_j mean(std/maxdev), sync_rate)."""
+    torch.manual_seed(0)
+    params = [torch.randn(5), torch.randn(2, 3)]
+    k = 4
+    opt = Scout(torch.optim.SGD(params, lr=1.0), sync_rate=0.0, sync_period=k)
+    history = [[p.clone()] for p in params]
+    for _ in range(k - 1):
+        for p in params:
+            p.grad = torch.randn(p.shape) * torch.rand(p.shape)
+        opt.step()
+        for h, p in zip(history, params, strict=True):
+            h.append(p.clone())
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.base_optimizer.step()  # the k-th step, before the wrapper's statistic
+    for h, p in zip(history, params, strict=True):
+        h.append(p.clone())
+    opt.fast_steps += 1
+    for p in params:
+        opt.state[p]["snapshots"][k - 1].copy_(p)
+    coherence = []
+    for h in history:
+        stack = torch.stack(h)
+        updates = stack[1:] - stack[:-1]
+        maxdev = (updates - updates.mean(0)).abs().max(0).values
+        coherence.append((updates.std(0) / maxdev).mean())
+    expected = max(1 - torch.stack(coherence).mean().item(), 0.0)
+    assert opt.last_rate().item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("wrapper", [Lookahead, Scout])
+def test_repr_deepcopy_and_pickle(wrapper):
+    params = _params()
+    opt = wrapper(torch.optim.SGD(params, lr=0.1))
+    assert len(repr(opt).split("\n")) == len(repr(opt.base_optimizer).split("\n")) + 4
+    _step(opt, params, 1)
+    for clone in (copy.deepcopy((params, opt)), pickle.loads(pickle.dumps((params, opt)))):
+        params2, opt2 = clone
+        for step in range(2, 9):
+            _step(opt2, params2, step)
+        assert opt2.fast_steps == 8 and all(torch.isfinite(p.float()).all() for p in params2)
+        assert opt.fast_steps == 1  # the original is untouched
