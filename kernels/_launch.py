@@ -64,12 +64,15 @@ def launch_step(
     factors: torch.Tensor | None = None,
     store_param: bool = True,
     store_state: bool = True,
+    slow: torch.Tensor | None = None,
+    sync_rate: torch.Tensor | None = None,
 ) -> None:
     """One launch of the multi-tensor template over a bucket.
 
     ``tables`` is one int64 tensor packing the address tables and the chunk table (see ``split_tables``), built
     on the host and copied to the device in a single transfer; ``sizes`` = (tensors, segments, chunks). With
-    ``partials`` ([C, K]) this is pass A of a rule with per-tensor statistics, with ``factors`` ([S, F]) pass B.
+    ``partials`` ([C, K]) this is pass A of a rule with per-tensor statistics, with ``factors`` ([S, F]) pass B;
+    with ``slow`` and ``sync_rate`` (fp32[1] on the device) it also performs Lookahead's sync.
     """
     (param_ptrs, grad_ptrs, state_offsets, _, _, chunk_tensor, chunk_start, chunk_end,
      chunk_segment) = split_tables(tables, *sizes)
@@ -79,11 +82,12 @@ def launch_step(
         multi_tensor_step_kernel[(sizes[2],)](
             param_ptrs, grad_ptrs, state_offsets, steps, chunk_tensor, chunk_start, chunk_end, chunk_segment,
             tuple(states), tuple(hyper), steps if partials is None else partials, steps if factors is None else factors,
+            steps if slow is None else slow, steps if sync_rate is None else sync_rate,
             RULE=rule, FLAGS=tuple(flags), PARAM_DTYPE=_TL_DTYPES[param_dtype], MAXIMIZE=maximize,
             ALIGNED=aligned, BLOCK=block_size(),
             NUM_SUMS=0 if partials is None else partials.shape[1],
             NUM_FACTORS=0 if factors is None else factors.shape[1],
-            STORE_PARAM=store_param, STORE_STATE=store_state, num_warps=NUM_WARPS,
+            STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=slow is not None, num_warps=NUM_WARPS,
         )
     LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
 

@@ -19,6 +19,9 @@ deterministic segment sum:
 - ``finalize`` (plain torch, in ``fusedoptim/<name>.py``): ``sums`` -> per-tensor ``factors[t, f]``;
 - pass B, ``apply(param, grad, state, step, *factors, *hyper, *flags) -> (param, state)``.
 
+With SYNC, the last pass also performs Lookahead's synchronisation on the fast weights it just computed:
++8 B/param per sync (read and write the slow weight) instead of a separate pass (+16 B: θ again too).
+
 Loads whose values a rule never uses are removed by the compiler, so a pass only moves the bytes its
 rule touches; stores are explicit (STORE_PARAM, STORE_STATE).
 """
@@ -29,8 +32,9 @@ import triton.language as tl
 
 @triton.jit
 def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, factors, hyper, partial_ptr,
+                slow_ptr, sync_rate,
                 RULE: tl.constexpr, FLAGS: tl.constexpr, PARAM_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                NUM_SUMS: tl.constexpr, STORE_PARAM: tl.constexpr, STORE_STATE: tl.constexpr):
+                NUM_SUMS: tl.constexpr, STORE_PARAM: tl.constexpr, STORE_STATE: tl.constexpr, SYNC: tl.constexpr):
     param = tl.load(param_ptr, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr, mask=mask).to(tl.float32)
     if MAXIMIZE:
@@ -47,6 +51,12 @@ def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, facto
             tl.store(partial_ptr + k, tl.sum(term, axis=0))
     else:
         param, state = RULE(param, grad, state, step, *factors, *hyper, *FLAGS)
+    if SYNC:  # Lookahead: slow ← slow + rate·(fast − slow); fast ← slow, on the fast weights just computed
+        slow = tl.load(slow_ptr + state_offset, mask=mask)
+        # the fast weight as stored (rounded to the param dtype), as a separate sync would read it
+        slow = slow + sync_rate * (param.to(PARAM_DTYPE).to(tl.float32) - slow)
+        tl.store(slow_ptr + state_offset, slow, mask=mask)
+        param = slow
     if STORE_PARAM:
         tl.store(param_ptr, param.to(PARAM_DTYPE), mask=mask)
     if STORE_STATE:
@@ -68,6 +78,8 @@ def multi_tensor_step_kernel(
     hyper,           # tuple of runtime scalars, in the rule's argument order (never constexpr: no recompiles)
     partials,        # fp32[C, NUM_SUMS]: pass A's per-chunk sums (unused when NUM_SUMS == 0)
     factors,         # fp32[S, NUM_FACTORS]: pass B's per-segment factors from finalize (unused when 0)
+    slow,            # fp32 flat buffer of Lookahead's slow weights, same layout as the states (used if SYNC)
+    sync_rate_ptr,   # fp32[1]: the sync rate, a device scalar (Scout computes it on the device)
     RULE: tl.constexpr,         # the @triton.jit rule
     FLAGS: tl.constexpr,        # tuple of the rule's structural options (amsgrad, ...)
     PARAM_DTYPE: tl.constexpr,  # dtype of params and grads; math and state are fp32
@@ -78,6 +90,7 @@ def multi_tensor_step_kernel(
     NUM_FACTORS: tl.constexpr = 0,
     STORE_PARAM: tl.constexpr = True,
     STORE_STATE: tl.constexpr = True,
+    SYNC: tl.constexpr = False,
 ):
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_tensor + chunk)
@@ -103,13 +116,18 @@ def multi_tensor_step_kernel(
             tensor_factors = tensor_factors + (tl.load(factors + segment * NUM_FACTORS + f),)
     step = tl.load(steps + tensor)
     partial_ptr = partials + chunk.to(tl.int64) * NUM_SUMS
+    sync_rate = 0.0
+    if SYNC:
+        sync_rate = tl.load(sync_rate_ptr)
     # A mask blocks vectorisation, so full blocks take an unmasked path and only the tail is masked.
     if start + BLOCK <= end:
         _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, None, step, tensor_factors, hyper_fp32,
-                    partial_ptr, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM, STORE_STATE)
+                    partial_ptr, slow, sync_rate, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM,
+                    STORE_STATE, SYNC)
     else:
         _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, idx < end, step, tensor_factors, hyper_fp32,
-                    partial_ptr, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM, STORE_STATE)
+                    partial_ptr, slow, sync_rate, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM,
+                    STORE_STATE, SYNC)
 
 
 @triton.jit

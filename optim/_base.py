@@ -51,7 +51,8 @@ class Bucket:
     dtype: torch.dtype
     device: torch.device
     backend: str
-    state_names: tuple[str, ...]
+    state_names: tuple[str, ...]      # every flat buffer (the rule's states, then Lookahead's slow_param)
+    rule_state_names: tuple[str, ...]  # the ones the rule reads and writes
     numels: list[int]
     offsets: list[int]
     states: dict[str, torch.Tensor]
@@ -111,6 +112,8 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self._layouts: dict[int, tuple[tuple, list[Bucket]]] = {}
+        self._slow_attached = False  # a Lookahead keeps its slow weights in our buckets (attach_slow_weights)
+        self._pending_sync: torch.Tensor | None = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- subclass hooks
@@ -174,7 +177,7 @@ class FusedOptimizer(Optimizer):
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         """The group's buckets, built on first use and rebuilt (state adopted) when the params change."""
         params: list[torch.Tensor] = group["params"]
-        names = self._state_names(group)
+        names = self._state_names(group) + (("slow_param",) if self._slow_attached else ())
         key = (names, tuple(p.data_ptr() for p in params), tuple(id(p) for p in params))
         cached = self._layouts.get(id(group))
         if cached is not None and cached[0] == key:
@@ -188,11 +191,12 @@ class FusedOptimizer(Optimizer):
                     b.param_ptrs = [p.data_ptr() for p in b.params]
                 self._layouts[id(group)] = (key, buckets)
                 return buckets
-        buckets = self._build_buckets(params, names)
+        buckets = self._build_buckets(params, names, self._state_names(group))
         self._layouts[id(group)] = (key, buckets)
         return buckets
 
-    def _build_buckets(self, params: Sequence[torch.Tensor], names: tuple[str, ...]) -> list[Bucket]:
+    def _build_buckets(self, params: Sequence[torch.Tensor], names: tuple[str, ...],
+                       rule_names: tuple[str, ...]) -> list[Bucket]:
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"all params of one param group must be on one device, got {sorted(map(str, devices))}")
@@ -217,7 +221,7 @@ class FusedOptimizer(Optimizer):
             offsets, total = padded_offsets(numels)
             states = {name: torch.zeros(total, dtype=state_dtype, device=device) for name in names}
             steps = torch.zeros(len(members), dtype=torch.float32, device=device)
-            bucket = Bucket(members, dtype, device, backend, names, numels, offsets, states, steps,
+            bucket = Bucket(members, dtype, device, backend, names, rule_names, numels, offsets, states, steps,
                             [p.data_ptr() for p in members])
             if self.num_sums:
                 bucket.tensor_states = {name: torch.zeros(len(members), dtype=torch.float32, device=device)
@@ -283,6 +287,13 @@ class FusedOptimizer(Optimizer):
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 work.append((group, bucket, active, grads, hyper, flags))
         # Phase 2: advance the steps of tensors that have a gradient, then run the passes.
+        sync_rate, self._pending_sync = self._pending_sync, None
+        if sync_rate is not None:  # buckets without any gradient still take part in Lookahead's sync
+            stepped = {id(item[1]) for item in work}
+            for group in self.param_groups:
+                for bucket in self._buckets(group):
+                    if id(bucket) not in stepped:
+                        self._sync_tensors(bucket, tuple(range(len(bucket.params))), sync_rate)
         for group, bucket, active, grads, hyper, flags in work:
             all_active = len(active) == len(bucket.params)
             bucket.steps.add_(1.0 if all_active else self._active_mask(bucket, active))
@@ -300,10 +311,57 @@ class FusedOptimizer(Optimizer):
                     old.copy_(new if all_active else torch.where(self._active_mask(bucket, active) > 0, new, old))
                 bucket.sums, bucket.factors = sums, factors
             if fused:
-                self._triton_apply(run, factors)
+                self._triton_apply(run, factors, sync_rate)
             else:
                 self._reference_apply(run, factors)
+                if sync_rate is not None:
+                    self._sync_tensors(bucket, run.active, sync_rate)
+            inactive = tuple(i for i in range(len(bucket.params)) if i not in set(active))
+            if sync_rate is not None and inactive:
+                self._sync_tensors(bucket, inactive, sync_rate)
         return loss
+
+    # ----------------------------------------------------------------- Lookahead support
+    def attach_slow_weights(self) -> None:
+        """Keep Lookahead's fp32 slow weights (``state[p]["slow_param"]``, initialised to the params) in this
+        optimizer's flat buffers, so that a sync can run inside the step's last pass (``request_sync``)."""
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if "slow_param" not in self.state[p]:
+                        self.state[p]["slow_param"] = p.detach().to(torch.promote_types(p.dtype, torch.float32))
+        self._slow_attached = True
+        for group in self.param_groups:
+            self._buckets(group)
+
+    def request_sync(self, sync_rate: torch.Tensor) -> None:
+        """Make the next ``step()`` end with Lookahead's sync of every param at ``sync_rate`` (fp32[1], on the
+        params' device): fused into the last pass for params with a gradient, a separate launch for others."""
+        if not self._slow_attached:
+            raise RuntimeError("attach_slow_weights() first")
+        self._pending_sync = sync_rate
+
+    @torch.no_grad()
+    def sync_now(self, sync_rate: torch.Tensor) -> None:
+        """Lookahead's sync of every param at ``sync_rate`` now, one launch per bucket."""
+        for group in self.param_groups:
+            for bucket in self._buckets(group):
+                self._sync_tensors(bucket, tuple(range(len(bucket.params))), sync_rate)
+
+    def _sync_tensors(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
+        """slow ← slow + rate·(θ − slow); θ ← slow, for the listed tensors of a bucket."""
+        if bucket.backend == "triton":
+            run = _Run(bucket, indices, list(bucket.params), (), (), False)  # grads unread: the params' addresses
+            self._build_tables(run)
+            if bucket.num_chunks:
+                self._launch(run, ("lookahead", "keep"), store_state=False, slow=bucket.states["slow_param"],
+                             sync_rate=sync_rate)
+            return
+        for i in indices:
+            p = bucket.params[i]
+            slow = self.state[p]["slow_param"]
+            slow.lerp_(p.detach().to(slow.dtype), sync_rate.to(slow.dtype).reshape(()))
+            p.copy_(slow)
 
     def last_factors(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
         """The per-tensor factors of the last step (e.g. LAMB's trust ratios), as 0-d device tensors per param:
@@ -333,7 +391,7 @@ class FusedOptimizer(Optimizer):
         dtype = torch.promote_types(run.bucket.dtype, torch.float32)
         grad = run.grads[i].to(dtype)
         return (p.detach().to(dtype), -grad if run.maximize else grad,
-                tuple(state[name] for name in run.bucket.state_names), state)
+                tuple(state[name] for name in run.bucket.rule_state_names), state)
 
     def _reference_prepare(self, run: _Run) -> torch.Tensor:
         bucket, segments = run.bucket, run.bucket.segments
@@ -343,7 +401,7 @@ class FusedOptimizer(Optimizer):
             new_state, terms = type(self).reference_prepare(param, grad, state_in, state["step"], *run.hyper,
                                                             *run.flags)
             if self.prepare_writes_state:
-                for name, value in zip(bucket.state_names, new_state, strict=True):
+                for name, value in zip(bucket.rule_state_names, new_state, strict=True):
                     state[name].copy_(value)
             sums[i] = torch.stack([term.sum(dtype=torch.float32) for term in terms])
             row_length = segments.row_lengths[i]
@@ -370,7 +428,7 @@ class FusedOptimizer(Optimizer):
             param, new_state = type(self).reference_update(param, grad, state_in, state["step"], *tensor_factors,
                                                            *run.hyper, *run.flags)
             bucket.params[i].copy_(param.reshape(shape))
-            for name, value in zip(bucket.state_names, new_state, strict=True):
+            for name, value in zip(bucket.rule_state_names, new_state, strict=True):
                 state[name].copy_(value.reshape(shape))
 
     def _build_tables(self, run: _Run) -> None:
@@ -405,7 +463,7 @@ class FusedOptimizer(Optimizer):
         bucket = run.bucket
         kernels.launch_step(
             _kernel_rule(rule), run.flags, bucket.tables, bucket.sizes, bucket.steps,
-            [bucket.states[name] for name in bucket.state_names], run.hyper, bucket.dtype, run.maximize,
+            [bucket.states[name] for name in bucket.rule_state_names], run.hyper, bucket.dtype, run.maximize,
             bucket.aligned, **kwargs)
 
     def _triton_prepare(self, run: _Run) -> torch.Tensor:
@@ -420,9 +478,11 @@ class FusedOptimizer(Optimizer):
             kernels.launch_segment_sum(partials, bucket.tables, bucket.sizes, sums)
         return sums
 
-    def _triton_apply(self, run: _Run, factors: torch.Tensor | None) -> None:
+    def _triton_apply(self, run: _Run, factors: torch.Tensor | None, sync_rate: torch.Tensor | None = None) -> None:
         if run.bucket.num_chunks:
-            self._launch(run, type(self).kernel_rule, factors=factors, store_state=self.apply_writes_state)
+            slow = None if sync_rate is None else run.bucket.states["slow_param"]
+            self._launch(run, type(self).kernel_rule, factors=factors, store_state=self.apply_writes_state,
+                         slow=slow, sync_rate=sync_rate)
 
     # ----------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -460,12 +520,14 @@ class FusedOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; the flat buffers are rebuilt from `state`.
-        return {**super().__getstate__(), "backend": self.backend}
+        return {**super().__getstate__(), "backend": self.backend, "_slow_attached": self._slow_attached}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._layouts = {}  # rebuilt, adopting `self.state`, at the next step
+        self._pending_sync = None
         self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("_slow_attached", False)
         for group in self.param_groups:
             group.setdefault("maximize", False)
 

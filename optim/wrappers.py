@@ -3,6 +3,11 @@
 One shared wrapper base: the wrapper's ``param_groups`` ARE the base's (an LR scheduler or GradScaler on the
 wrapper acts on the real learning rate), ``zero_grad`` delegates, ``add_param_group`` extends the slow
 weights, and ``state_dict`` holds the base's state plus the slow weights and counters.
+
+The slow weights live in flat fp32 buffers laid out like optimizer state: in the base's own buckets when the
+base is a fusedoptim optimizer (so that Lookahead's sync runs inside the base's last pass: +8 B/param per
+sync instead of a separate pass's +16 B), else in a small internal FusedOptimizer whose sync is one launch
+per bucket (or the reference on CPU).
 """
 
 from __future__ import annotations
@@ -14,14 +19,34 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ._base import Backend, FusedOptimizer
 from ._validation import check_non_negative
+
+
+def _keep(param, grad, state, step):
+    return param, state
+
+
+class _SlowWeights(FusedOptimizer):
+    """Holds the slow weights of a wrapper whose base is not a fusedoptim optimizer; never steps itself."""
+
+    kernel_rule = ("lookahead", "keep")
+    reference_update = staticmethod(_keep)
+
+    def __init__(self, base_optimizer: Optimizer, backend: Backend) -> None:
+        super().__init__([{"params": list(g["params"])} for g in base_optimizer.param_groups], {"maximize": False},
+                         backend=backend)
+
+    def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
+        return ()
 
 
 class _SyncWrapper(Optimizer):
     """Keeps fp32 slow weights of every param of ``base_optimizer``; every ``sync_period`` steps moves them
     towards the fast weights by a rate and copies them back: slow ← slow + rate·(fast − slow); fast ← slow."""
 
-    def __init__(self, base_optimizer: Optimizer, sync_rate: float, sync_period: int, min_period: int) -> None:
+    def __init__(self, base_optimizer: Optimizer, sync_rate: float, sync_period: int, min_period: int,
+                 fused_sync: bool = True, backend: Backend = "auto") -> None:
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
         check_non_negative("sync_rate", sync_rate)
@@ -37,10 +62,12 @@ class _SyncWrapper(Optimizer):
                      "load_state_dict_post"):
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
         self._patch_step_function()
-        self.state: defaultdict[torch.Tensor, Any] = defaultdict(dict)
         self.fast_steps = 0
-        for group in base_optimizer.param_groups:
-            self._init_slow(group["params"])
+        self._fused_sync = fused_sync and isinstance(base_optimizer, FusedOptimizer)
+        self._holder = (base_optimizer if isinstance(base_optimizer, FusedOptimizer)
+                        else _SlowWeights(base_optimizer, backend))
+        self._holder.attach_slow_weights()
+        self._rate = torch.tensor([float(sync_rate)], dtype=torch.float32)
 
     # ------------------------------------------------------------------ shared groups
     @property
@@ -51,9 +78,17 @@ class _SyncWrapper(Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         raise AttributeError("a wrapper's param_groups are its base optimizer's; change those")
 
+    @property
+    def state(self) -> defaultdict[torch.Tensor, Any]:  # type: ignore[override]
+        """Per param: ``slow_param``, a view into the flat slow-weight buffers (and the base's state when
+        the base is a fusedoptim optimizer)."""
+        return self._holder.state
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base_optimizer.add_param_group(param_group)
-        self._init_slow(self.base_optimizer.param_groups[-1]["params"])
+        if self._holder is not self.base_optimizer:
+            self._holder.add_param_group({"params": list(self.base_optimizer.param_groups[-1]["params"])})
+        self._holder.attach_slow_weights()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -70,38 +105,41 @@ class _SyncWrapper(Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _init_slow(self, params: list[torch.Tensor]) -> None:
-        for p in params:
-            # fp32 slow weights also for bf16/fp16 params: interpolation in the param dtype would round
-            # every sync away (a bf16 step of 1e-3 relative is below half an ulp).
-            self.state[p]["slow_param"] = p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
-
-    @torch.no_grad()
-    def _sync(self, rate: float | torch.Tensor) -> None:
-        for p in self._params():
-            slow = self.state[p]["slow_param"]
-            slow.lerp_(p.to(slow.dtype), rate)
-            p.copy_(slow)
+    def _sync_rate(self) -> torch.Tensor | None:
+        """The rate of a sync fused into the coming base step, or None (Scout's rate needs the step's result)."""
+        return None
 
     def _after_base_step(self) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Step the base optimizer, then synchronise the slow weights every ``sync_period`` steps."""
-        loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()
+        """Step the base optimizer and synchronise the slow weights every ``sync_period`` steps."""
+        fused_rate = self._sync_rate() if (self.fast_steps + 1) % self.sync_period == 0 else None
+        if fused_rate is not None:
+            self._holder.request_sync(fused_rate)
+        try:
+            loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()
+        finally:
+            self._holder._pending_sync = None
         self.fast_steps += 1
-        self._after_base_step()
+        if fused_rate is None:
+            self._after_base_step()
         return loss
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict[str, Any]:
         """The base's state_dict plus, under ``"wrapper"``, the slow weights (by param index) and counters."""
         base = self.base_optimizer.state_dict()
-        index = {id(p): i for i, p in enumerate(self._params())}
         wrapper = {"fast_steps": self.fast_steps, **self.defaults,
-                   "state": {index[id(p)]: dict(s) for p, s in self.state.items() if id(p) in index}}
+                   "state": {i: self._wrapper_state(p) for i, p in enumerate(self._params())}}
         return {**base, "wrapper": wrapper}
+
+    def _wrapper_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"slow_param": self.state[p]["slow_param"]}
+
+    def _load_wrapper_state(self, p: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
+        self.state[p]["slow_param"].copy_(saved["slow_param"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a wrapper state_dict; a plain base state_dict (no ``"wrapper"`` entry) restarts the slow
@@ -117,20 +155,21 @@ class _SyncWrapper(Optimizer):
                     raise ValueError(f"slow weights of param {i} have shape "
                                      f"{tuple(wrapper['state'][i]['slow_param'].shape)}, the param {tuple(p.shape)}")
         self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "wrapper"})
-        if wrapper is None:
-            self.state = defaultdict(dict)
-            self._init_slow(params)
-            return
-        self.fast_steps = int(wrapper["fast_steps"])
-        self.defaults.update(sync_rate=float(wrapper["sync_rate"]), sync_period=int(wrapper["sync_period"]))
-        self.state = defaultdict(dict)
-        for i, p in enumerate(params):
-            self.state[p] = {name: value.to(device=p.device, dtype=_state_dtype(p, value), copy=True)
-                             for name, value in wrapper["state"][i].items()}
+        self._holder.attach_slow_weights()
+        with torch.no_grad():
+            if wrapper is None:
+                for p in params:
+                    self.state[p]["slow_param"].copy_(p)
+                return
+            self.fast_steps = int(wrapper["fast_steps"])
+            self.defaults.update(sync_rate=float(wrapper["sync_rate"]), sync_period=int(wrapper["sync_period"]))
+            self._rate = torch.tensor([self.sync_rate], dtype=torch.float32)
+            for i, p in enumerate(params):
+                self._load_wrapper_state(p, wrapper["state"][i])
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"base_optimizer": self.base_optimizer, "defaults": self.defaults, "state": self.state,
-                "fast_steps": self.fast_steps}
+        return {"base_optimizer": self.base_optimizer, "defaults": self.defaults, "_holder": self._holder,
+                "fast_steps": self.fast_steps, "_rate": self._rate, "_fused_sync": self._fused_sync}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -144,10 +183,6 @@ class _SyncWrapper(Optimizer):
         lines = [f"{type(self).__name__} (", f"base_optimizer={base},"]
         lines += [f"{key}: {value}" for key, value in self.defaults.items()]
         return "\n".join(lines + [")"])
-
-
-def _state_dtype(p: torch.Tensor, value: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(p.dtype, torch.float32) if value.is_floating_point() else value.dtype
 
 
 class Lookahead(_SyncWrapper):
@@ -169,17 +204,26 @@ class Lookahead(_SyncWrapper):
         sync_period: k >= 1 (default: 6).
         k: virtex's name for ``sync_period``.
         alpha: virtex's name for ``sync_rate``.
+        fused_sync: with a fusedoptim base, sync inside its last pass (default: True).
+        backend: backend of the slow-weight sync when the base is not a fusedoptim optimizer (default: "auto").
+
+    State: per param, ``slow_param`` (fp32, in flat buffers).
     """
 
     def __init__(self, base_optimizer: Optimizer, sync_rate: float = 0.5, sync_period: int = 6, *,
-                 k: int | None = None, alpha: float | None = None) -> None:
+                 k: int | None = None, alpha: float | None = None, fused_sync: bool = True,
+                 backend: Backend = "auto") -> None:
         super().__init__(base_optimizer, sync_rate if alpha is None else alpha,
-                         sync_period if k is None else k, min_period=1)
+                         sync_period if k is None else k, min_period=1, fused_sync=fused_sync, backend=backend)
         self._backup: dict[torch.Tensor, torch.Tensor] | None = None
+
+    def _sync_rate(self) -> torch.Tensor | None:
+        # fused into the base's last pass when the base is a fusedoptim optimizer
+        return self._rate if self._fused_sync else None
 
     def _after_base_step(self) -> None:
         if self.fast_steps % self.sync_period == 0:
-            self._sync(self.sync_rate)
+            self._holder.sync_now(self._rate)
 
     @torch.no_grad()
     def load_slow_weights(self) -> None:
@@ -218,32 +262,46 @@ class Scout(_SyncWrapper):
         base_optimizer: any ``torch.optim.Optimizer``.
         sync_rate: lower bound of the rate, in [0, 1] (default: 0.5).
         sync_period: k >= 2 (the std of one update is undefined) (default: 6).
+        backend: backend of the slow-weight sync when the base is not a fusedoptim optimizer (default: "auto").
     """
 
-    def __init__(self, base_optimizer: Optimizer, sync_rate: float = 0.5, sync_period: int = 6) -> None:
-        super().__init__(base_optimizer, sync_rate, sync_period, min_period=2)
+    def __init__(self, base_optimizer: Optimizer, sync_rate: float = 0.5, sync_period: int = 6, *,
+                 backend: Backend = "auto") -> None:
+        super().__init__(base_optimizer, sync_rate, sync_period, min_period=2, fused_sync=False, backend=backend)
+        self._snapshots: dict[torch.Tensor, torch.Tensor] = {}
 
-    def _init_slow(self, params: list[torch.Tensor]) -> None:
-        super()._init_slow(params)
-        for p in params:
+    def _snapshot_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """Tensor p's ring of ``sync_period`` fast-weight snapshots, allocated once."""
+        buffer = self._snapshots.get(p)
+        if buffer is None:
             slow = self.state[p]["slow_param"]
-            self.state[p]["snapshots"] = slow.new_zeros((self.sync_period, *slow.shape))
+            buffer = self._snapshots[p] = slow.new_zeros((self.sync_period, *slow.shape))
+        return buffer
 
     def _after_base_step(self) -> None:
         slot = (self.fast_steps - 1) % self.sync_period
         with torch.no_grad():
             for p in self._params():
-                self.state[p]["snapshots"][slot].copy_(p)
+                self._snapshot_buffer(p)[slot].copy_(p)
         if self.fast_steps % self.sync_period == 0:
-            self._sync(self.last_rate())
+            self._holder.sync_now(self.last_rate())  # after the step: the rate needs its result
+
+    def _wrapper_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**super()._wrapper_state(p), "snapshots": self._snapshot_buffer(p)}
+
+    def _load_wrapper_state(self, p: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
+        super()._load_wrapper_state(p, saved)
+        self._snapshot_buffer(p).copy_(saved["snapshots"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_snapshots": self._snapshots}
 
     @torch.no_grad()
     def last_rate(self) -> torch.Tensor:
         """The rate the current ring buffer gives (a 0-d device tensor)."""
         coherences, counted = [], []
         for p in self._params():
-            state = self.state[p]
-            history = torch.cat([state["slow_param"].unsqueeze(0), state["snapshots"]])
+            history = torch.cat([self.state[p]["slow_param"].unsqueeze(0), self._snapshot_buffer(p)])
             updates = (history[1:] - history[:-1]).reshape(self.sync_period, -1)
             deviation = (updates - updates.mean(0)).abs().amax(0)
             varies = deviation > 0
