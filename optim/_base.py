@@ -16,10 +16,11 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from . import _cpu
 from ._layout import chunk_table, padded_offsets
 
-Backend = Literal["auto", "triton", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
+Backend = Literal["auto", "triton", "cpu", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "cpu", "reference")
 
 
 @dataclass(eq=False)
@@ -68,6 +69,7 @@ class FusedOptimizer(Optimizer):
 
     state_names: ClassVar[tuple[str, ...]] = ()
     kernel_rule: ClassVar[tuple[str, str]]
+    cpu_rule: ClassVar[str]  # the C++ rule: `<cpu_rule>_step` of the extension built from csrc/
     reference_update: ClassVar[Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]]
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
@@ -129,9 +131,20 @@ class FusedOptimizer(Optimizer):
         if self.backend == "triton":
             self._check_triton(device, dtype)
             return "triton"
-        # auto: CUDA tensors run the Triton kernels; CPU tensors run the reference until the C++ kernels exist.
+        if self.backend == "cpu":
+            reason = _cpu_unavailable(device, dtype)
+            if reason is not None:
+                raise RuntimeError(f"{type(self).__name__}(backend='cpu') cannot run here: {reason}")
+            return "cpu"
+        # auto: CUDA tensors run the Triton kernels; CPU tensors the C++ kernels, or the reference (one warning
+        # per process) when they cannot be built; dtypes neither supports (fp64) run the reference.
         if device.type == "cuda" and _triton_unavailable(device, dtype) is None:
             return "triton"
+        if device.type == "cpu" and dtype in _cpu.SUPPORTED_DTYPES:
+            reason = _cpu.unavailable_reason()
+            if reason is None:
+                return "cpu"
+            _cpu.warn_fallback_once(reason)
         return "reference"
 
     # ----------------------------------------------------------------- layout
@@ -236,6 +249,8 @@ class FusedOptimizer(Optimizer):
                 bucket.steps.add_(self._active_mask(bucket, active))
             if bucket.backend == "triton":
                 self._triton_step(bucket, active, grads, hyper, flags, group["maximize"])
+            elif bucket.backend == "cpu":
+                _cpu.step(bucket, active, grads, hyper, flags, group["maximize"], type(self).cpu_rule)
             else:
                 self._reference_step(bucket, active, grads, hyper, flags, group["maximize"])
         return loss
@@ -345,6 +360,15 @@ def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if reason is None and dtype not in kernels.SUPPORTED_DTYPES:
         reason = f"the Triton kernels support {[str(d) for d in kernels.SUPPORTED_DTYPES]} params, not {dtype}"
     return reason
+
+
+def _cpu_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the C++ kernels can run for this device and dtype (building them on first use), else why not."""
+    if device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors, not {device}"
+    if dtype not in _cpu.SUPPORTED_DTYPES:
+        return f"the C++ kernels support {[str(d) for d in _cpu.SUPPORTED_DTYPES]} params, not {dtype}"
+    return _cpu.unavailable_reason()
 
 
 def _kernel_rule(spec: tuple[str, str]) -> Any:
