@@ -9,7 +9,7 @@ import pytest
 import torch
 from cases import CASE_IDS, CASES
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu"]
 
 
 def _model():

@@ -13,7 +13,7 @@ from fusedoptim import Adan, AdEMAMix
 from fusedoptim._math import one_minus_exp as reference_one_minus_exp
 from fusedoptim.kernels._math import one_minus_exp
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

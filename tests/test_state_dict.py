@@ -8,7 +8,7 @@ import pytest
 import torch
 from cases import CASE_IDS, CASES
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu"]
 
 
 def _run(case, backend, dtype, steps, start_params=None, state=None, seed=0):

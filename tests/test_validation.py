@@ -68,7 +68,7 @@ def test_triton_backend_rejects_non_contiguous_params_clearly():
         opt.step()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_sparse_gradient_fails_before_modifying_anything(case, backend):
     dense, emb = torch.randn(5), torch.randn(4, 3)
