@@ -16,10 +16,11 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from . import _cpu
 from ._layout import chunk_table, padded_offsets
 
-Backend = Literal["auto", "triton", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
+Backend = Literal["auto", "triton", "cpu", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "cpu", "reference")
 
 
 @dataclass(eq=False)
@@ -92,6 +93,7 @@ class FusedOptimizer(Optimizer):
 
     state_names: ClassVar[tuple[str, ...]] = ()
     kernel_rule: ClassVar[tuple[str, str]]
+    cpu_rule: ClassVar[str | None] = None  # the C++ rule: `<cpu_rule>_step` of the extension built from csrc/
     reference_update: ClassVar[Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]]
     # Rules with per-tensor statistics (two passes): pass A's rules, how many sums it emits per tensor, the
     # finalize that turns the [T, num_sums] sums into [T, len(factor_names)] factors for pass B (whose rules
@@ -168,10 +170,28 @@ class FusedOptimizer(Optimizer):
         if self.backend == "triton":
             self._check_triton(device, dtype)
             return "triton"
-        # auto: CUDA tensors run the Triton kernels; CPU tensors run the reference until the C++ kernels exist.
+        if self.backend == "cpu":
+            reason = self._cpu_unsupported() or _cpu_unavailable(device, dtype)
+            if reason is not None:
+                raise RuntimeError(f"{type(self).__name__}(backend='cpu') cannot run here: {reason}")
+            return "cpu"
+        # auto: CUDA tensors run the Triton kernels; CPU tensors the C++ kernels, or the reference (one warning
+        # per process) when they cannot be built; dtypes neither supports (fp64) run the reference.
         if device.type == "cuda" and _triton_unavailable(device, dtype) is None:
             return "triton"
+        if device.type == "cpu" and dtype in _cpu.SUPPORTED_DTYPES and self._cpu_unsupported() is None:
+            reason = _cpu.unavailable_reason()
+            if reason is None:
+                return "cpu"
+            _cpu.warn_fallback_once(reason)
         return "reference"
+
+    def _cpu_unsupported(self) -> str | None:
+        """None when this optimizer has a C++ rule, else why not (the rules with per-tensor statistics have none
+        yet: they run the reference on CPU)."""
+        if getattr(type(self), "cpu_rule", None) is None:
+            return f"{type(self).__name__} has no C++ kernel yet"
+        return None
 
     # ----------------------------------------------------------------- layout
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
@@ -312,12 +332,17 @@ class FusedOptimizer(Optimizer):
                 bucket.sums, bucket.factors = sums, factors
             if fused:
                 self._triton_apply(run, factors, sync_rate)
+            elif bucket.backend == "cpu":
+                _cpu.step(bucket, active, run.grads, hyper, flags, run.maximize, type(self).cpu_rule)
+                if sync_rate is not None:
+                    self._sync_tensors(bucket, run.active, sync_rate)
             else:
                 self._reference_apply(run, factors)
                 if sync_rate is not None:
                     self._sync_tensors(bucket, run.active, sync_rate)
-            inactive = tuple(i for i in range(len(bucket.params)) if i not in set(active))
-            if sync_rate is not None and inactive:
+            if sync_rate is not None and not all_active:  # params without a gradient are synced too
+                stepped_tensors = set(active)
+                inactive = tuple(i for i in range(len(bucket.params)) if i not in stepped_tensors)
                 self._sync_tensors(bucket, inactive, sync_rate)
         return loss
 
@@ -554,6 +579,15 @@ def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if reason is None and dtype not in kernels.SUPPORTED_DTYPES:
         reason = f"the Triton kernels support {[str(d) for d in kernels.SUPPORTED_DTYPES]} params, not {dtype}"
     return reason
+
+
+def _cpu_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the C++ kernels can run for this device and dtype (building them on first use), else why not."""
+    if device.type != "cpu":
+        return f"the C++ kernels run on CPU tensors, not {device}"
+    if dtype not in _cpu.SUPPORTED_DTYPES:
+        return f"the C++ kernels support {[str(d) for d in _cpu.SUPPORTED_DTYPES]} params, not {dtype}"
+    return _cpu.unavailable_reason()
 
 
 def _kernel_rule(spec: tuple[str, str]) -> Any:

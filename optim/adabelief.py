@@ -62,13 +62,14 @@ class AdaBelief(FusedOptimizer):
         amsgrad: use the maximum of past s in the denominator (default: False).
         decoupled_weight_decay: decay the weights directly (AdamW-style) instead of L2 (default: False).
         maximize: maximize the objective instead of minimizing it (default: False).
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     State: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (s), and ``max_exp_avg_sq`` with ``amsgrad``.
     """
 
     state_names = ("exp_avg", "exp_avg_sq")
     kernel_rule = ("adabelief", "adabelief_update")
+    cpu_rule = "adabelief"
     reference_update = staticmethod(adabelief_update)
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -68,7 +68,7 @@ class Adan(FusedOptimizer):
         amsgrad: use the maximum of past n in the denominator (default: False).
         no_prox: decay multiplicatively before the step instead of the proximal division (default: False).
         maximize: maximize the objective instead of minimizing it (default: False).
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     State: ``step``, ``exp_avg`` (m), ``exp_avg_diff`` (v), ``exp_avg_sq`` (n), ``prev_grad``, and
     ``max_exp_avg_sq`` with ``amsgrad``.
@@ -76,6 +76,7 @@ class Adan(FusedOptimizer):
 
     state_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
     kernel_rule = ("adan", "adan_update")
+    cpu_rule = "adan"
     reference_update = staticmethod(adan_update)
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),

@@ -62,13 +62,14 @@ class AdEMAMix(FusedOptimizer):
         alpha_warmup: steps of the linear α warm-up, or None (default: None).
         beta3_warmup: steps of the β3 warm-up, or None (default: None). Needs β1 > 0.
         maximize: maximize the objective instead of minimizing it (default: False).
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     State: ``step``, ``exp_avg`` (m1), ``exp_avg_sq`` (ν), ``exp_avg_slow`` (m2).
     """
 
     state_names = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
     kernel_rule = ("ademamix", "ademamix_update")
+    cpu_rule = "ademamix"
     reference_update = staticmethod(ademamix_update)
 
     def __init__(self, params: ParamsT, lr: float = 1e-3,

@@ -89,4 +89,12 @@ CASES: list[Case] = [
 
 CASE_IDS = [c.name for c in CASES]
 
+
+def skip_unsupported(case: Case, backend: str) -> None:
+    """Skip a case on a backend its optimizer lacks: the C++ kernels exist for the elementwise rules only."""
+    import pytest
+
+    if backend == "cpu" and case.cls.cpu_rule is None:
+        pytest.skip(f"no C++ kernel for {case.cls.__name__} yet")
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,4 +1,5 @@
-"""Triton kernels (interpreter on CPU, compiled on GPU) against the reference path, for every registry case.
+"""The fused backends against the reference path, for every registry case: the Triton kernels (interpreter on
+CPU, compiled on GPU) and the C++ CPU kernels (csrc/).
 
 fp32: no re-synchronisation, so the bound (rtol 1e-5, atol 1e-6) also covers drift over the run.
 bf16/fp16: params must stay within 1 ULP per step (the interpreter truncates fp32->bf16 where the reference
@@ -30,16 +31,19 @@ LR_CHANGE_AT = 4  # an LR change mid-run must take effect without recompiling an
 # The interpreter pays ~10 ms of Python per tiny tensor per step, so at scale we run the first case of each
 # optimizer for 3 steps (which still includes a step where one param has no gradient).
 _SCALE_CASES = list({case.cls: case for case in reversed(CASES)}.values())
-RUNS = [(case, profile, STEPS) for case in CASES for profile in PROFILES if profile != "many_small"]
-RUNS += [(case, "many_small", 3) for case in _SCALE_CASES]
+RUNS = [("triton", case, profile, STEPS) for case in CASES for profile in PROFILES if profile != "many_small"]
+RUNS += [("triton", case, "many_small", 3) for case in _SCALE_CASES]
+# The C++ kernels take milliseconds, not seconds: every case on every profile.
+RUNS += [("cpu", case, profile, STEPS) for case in CASES for profile in PROFILES if case.cls.cpu_rule]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("case", "profile", "steps"), RUNS, ids=[f"{c.name}-{p}" for c, p, _ in RUNS])
-def test_triton_matches_reference(case, profile, steps, dtype):
+@pytest.mark.parametrize(("backend", "case", "profile", "steps"), RUNS,
+                         ids=[f"{b}-{c.name}-{p}" for b, c, p, _ in RUNS])
+def test_fused_matches_reference(backend, case, profile, steps, dtype):
     prof = make_profile(profile, dtype)
     fused_groups, ref_groups = prof.groups, clone_groups(prof.groups)
-    fused = case.make(param_groups(case.group2, fused_groups), backend="triton")
+    fused = case.make(param_groups(case.group2, fused_groups), backend=backend)
     ref = case.make(param_groups(case.group2, ref_groups), backend="reference")
     for step in range(1, steps + 1):
         if step == LR_CHANGE_AT:

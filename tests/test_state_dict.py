@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
-from cases import CASE_IDS, CASES
+from cases import CASE_IDS, CASES, skip_unsupported
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu"]
 
 
 def _run(case, backend, dtype, steps, start_params=None, state=None, seed=0):
@@ -32,6 +32,7 @@ def _steps(opt, params, dtype, first, last):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_save_load_continue_is_identical(case, backend, dtype):
+    skip_unsupported(case, backend)
     k, n = 3, 6
     params, opt = _run(case, backend, dtype, k)
     _steps(opt, params, dtype, 0, k)

@@ -1,0 +1,49 @@
+// Adan rule (Xie et al., 2022, https://arxiv.org/abs/2208.06677; official sail-sg/Adan): kernels/adan.py in C++.
+// Reference: fusedoptim/adan.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
+// operator() is the elementwise part on fp32 values, line for line the Triton rule.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "_math.h"
+
+namespace fusedoptim {
+
+template <bool no_prox, bool amsgrad>
+struct adan_update {
+  static constexpr int num_hyper = 9;
+  static constexpr int num_states = amsgrad ? 5 : 4;
+  bool first_step;
+  float lr, beta1, beta2, beta3, eps, weight_decay, bias_correction1, bias_correction2, bias_correction3;
+
+  adan_update(float step, float lr, float beta1, float beta2, float beta3, double log_beta1, double log_beta2,
+              double log_beta3, float eps, float weight_decay)
+      : first_step(step == 1.0f), lr(lr), beta1(beta1), beta2(beta2), beta3(beta3), eps(eps),
+        weight_decay(weight_decay), bias_correction1(bias_correction(log_beta1, step)),
+        bias_correction2(bias_correction(log_beta2, step)), bias_correction3(bias_correction(log_beta3, step)) {}
+
+  float operator()(float param, float grad, float* const* state, int64_t i) const {
+    float exp_avg = state[0][i], exp_avg_diff = state[1][i], exp_avg_sq = state[2][i], prev_grad = state[3][i];
+    prev_grad = first_step ? grad : prev_grad;  // the first step has no previous gradient: Δ₁ = 0
+    const float grad_diff = grad - prev_grad;
+    exp_avg = beta1 * exp_avg + (1.0f - beta1) * grad;
+    exp_avg_diff = beta2 * exp_avg_diff + (1.0f - beta2) * grad_diff;
+    const float nesterov_grad = grad + beta2 * grad_diff;
+    exp_avg_sq = beta3 * exp_avg_sq + (1.0f - beta3) * nesterov_grad * nesterov_grad;
+    state[0][i] = exp_avg, state[1][i] = exp_avg_diff, state[2][i] = exp_avg_sq, state[3][i] = grad;
+    float second_moment = exp_avg_sq;
+    if (amsgrad) {
+      const float max_exp_avg_sq = std::max(state[4][i], exp_avg_sq);
+      second_moment = max_exp_avg_sq;
+      state[4][i] = max_exp_avg_sq;
+    }
+    const float denom = std::sqrt(second_moment) / std::sqrt(bias_correction3) + eps;
+    const float update = (exp_avg / bias_correction1 + beta2 * exp_avg_diff / bias_correction2) / denom;
+    if (no_prox) return param * (1.0f - lr * weight_decay) - lr * update;
+    return (param - lr * update) / (1.0f + lr * weight_decay);
+  }
+};
+
+}  // namespace fusedoptim
