@@ -89,12 +89,19 @@ CASES: list[Case] = [
 
 CASE_IDS = [c.name for c in CASES]
 
+#: The first case of each optimizer: where a test runs through the interpreter only to show that a mechanism
+#: works for every optimizer (the options are covered by the parity test).
+FIRST_CASES: list[Case] = list({case.cls: case for case in reversed(CASES)}.values())
 
-def skip_unsupported(case: Case, backend: str) -> None:
-    """Skip a case on a backend its optimizer lacks: the C++ kernels exist for the elementwise rules only."""
+
+
+def case_backends(backends: list[str], triton_cases: list[Case] | None = None) -> list:
+    """(case, backend) parameters for every case on every backend its optimizer has (the C++ kernels exist for
+    the elementwise rules only); ``triton_cases`` limits what runs through the (slow) interpreter."""
     import pytest
 
-    if backend == "cpu" and case.cls.cpu_rule is None:
-        pytest.skip(f"no C++ kernel for {case.cls.__name__} yet")
+    return [pytest.param(case, backend, id=f"{case.name}-{backend}") for case in CASES for backend in backends
+            if not (backend == "cpu" and case.cls.cpu_rule is None)
+            and not (backend == "triton" and triton_cases is not None and case not in triton_cases)]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

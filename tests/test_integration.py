@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from cases import CASE_IDS, CASES, skip_unsupported
+from cases import CASES, FIRST_CASES, case_backends
 
 BACKENDS = ["reference", "triton", "cpu"]
 
@@ -23,10 +23,8 @@ def _batch():
     return x, x.sum(1, keepdim=True).sin()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("case", "backend"), case_backends(BACKENDS, triton_cases=FIRST_CASES))
 def test_trains_a_small_model_with_closure_and_scheduler(case, backend):
-    skip_unsupported(case, backend)
     model, (x, y) = _model(), _batch()
     opt = case.make(model.parameters(), backend=backend)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)

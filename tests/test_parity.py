@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASES, DTYPES
+from cases import CASES, DTYPES, FIRST_CASES
 from helpers import (
     FP32_ATOL,
     FP32_RTOL,
@@ -30,7 +30,7 @@ LR_CHANGE_AT = 4  # an LR change mid-run must take effect without recompiling an
 # The 200-tensor profile checks the chunk table at scale; every option is covered by the other profiles.
 # The interpreter pays ~10 ms of Python per tiny tensor per step, so at scale we run the first case of each
 # optimizer for 3 steps (which still includes a step where one param has no gradient).
-_SCALE_CASES = list({case.cls: case for case in reversed(CASES)}.values())
+_SCALE_CASES = FIRST_CASES
 RUNS = [("triton", case, profile, STEPS) for case in CASES for profile in PROFILES if profile != "many_small"]
 RUNS += [("triton", case, "many_small", 3) for case in _SCALE_CASES]
 # The C++ kernels take milliseconds, not seconds: every case on every profile.

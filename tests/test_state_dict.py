@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from cases import CASE_IDS, CASES, skip_unsupported
+from cases import CASES, FIRST_CASES, case_backends
 
 BACKENDS = ["reference", "triton", "cpu"]
 
@@ -29,10 +29,8 @@ def _steps(opt, params, dtype, first, last):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("case", "backend"), case_backends(BACKENDS, triton_cases=FIRST_CASES))
 def test_save_load_continue_is_identical(case, backend, dtype):
-    skip_unsupported(case, backend)
     k, n = 3, 6
     params, opt = _run(case, backend, dtype, k)
     _steps(opt, params, dtype, 0, k)
