@@ -9,7 +9,9 @@ How one implementation is timed, on one parameter profile:
 4. up to ``steps`` timed steps, stopping early once ``max_seconds`` are spent and ``min_steps`` are in,
    so that slow implementations do not blow up the run time. On CUDA each step is bracketed by CUDA
    events (device time) and the host time is kept too (a step can be launch- or Python-bound); on CPU
-   each step is timed with ``time.perf_counter``.
+   each step is timed with ``time.perf_counter``. Each timed step is preceded by a timed step of the
+   anchor, torch's fused AdamW on its own copy of the profile, so the speed-up is a ratio of steps taken
+   under the same load.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -107,10 +110,16 @@ class Timing:
     first_ms: float
     step_ms: list[float]
     host_ms: list[float] | None  # CUDA only
+    anchor_ms: list[float] | None = None  # the anchor's steps, taken in turn with these
 
 
-def time_steps(step: Callable[[], object], settings: Settings) -> Timing:
-    """Time ``step`` as described in the module docstring: first step, warm-up, then timed steps."""
+def time_steps(step: Callable[[], object], settings: Settings, anchor: Callable[[], object] | None = None) -> Timing:
+    """Time ``step`` as described in the module docstring: first step, warm-up, then timed steps.
+
+    With ``anchor`` (torch fused AdamW's step on its own copy of the profile), every timed step is preceded
+    by a timed anchor step, so the speed-up compares steps taken under the same machine load: on this
+    2-core machine a neighbour's burst can slow one implementation's whole run by 2x.
+    """
     cuda = settings.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
@@ -121,25 +130,36 @@ def time_steps(step: Callable[[], object], settings: Settings) -> Timing:
     for _ in range(settings.warmup):
         step()
     sync()
-    wall, host, events = [], [], []
+    records: list[tuple[Any, float]] = []
+    anchor_records: list[tuple[Any, float]] = []
     start = time.perf_counter()
-    while len(host) < settings.steps and (len(host) < settings.min_steps
-                                          or time.perf_counter() - start < settings.max_seconds):
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-        t = time.perf_counter()
-        step()
-        host.append(1e3 * (time.perf_counter() - t))
-        if cuda:
-            end.record()
-            events.append((begin, end))
-        else:
-            wall.append(host[-1])
+    while len(records) < settings.steps and (len(records) < settings.min_steps
+                                             or time.perf_counter() - start < settings.max_seconds):
+        if anchor is not None:
+            anchor_records.append(_record(anchor, cuda))
+        records.append(_record(step, cuda))
     sync()
+
+    def device_ms(recs: list[tuple[Any, float]]) -> list[float]:
+        # CUDA: the events' device time (readable after the synchronize above); CPU: the wall clock.
+        return [events[0].elapsed_time(events[1]) if events else host for events, host in recs]
+
+    return Timing(first_ms, device_ms(records), [h for _, h in records] if cuda else None,
+                  device_ms(anchor_records) if anchor is not None else None)
+
+
+def _record(fn: Callable[[], object], cuda: bool) -> tuple[Any, float]:
+    """Run ``fn`` once: (the CUDA events around it, or None on CPU; host milliseconds)."""
+    events = None
     if cuda:
-        return Timing(first_ms, [b.elapsed_time(e) for b, e in events], host)
-    return Timing(first_ms, wall, None)
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record()
+    t = time.perf_counter()
+    fn()
+    host = 1e3 * (time.perf_counter() - t)
+    if events is not None:
+        events[1].record()
+    return events, host
 
 
 def copy_bandwidth(settings: Settings, nbytes: int) -> list[float]:
@@ -223,11 +243,12 @@ class Result:
     numel: int
     timing: Timing
 
-    def rows(self, env: Environment, copy_gbps: float, anchor_ms: float | None) -> list[Row]:
+    def rows(self, env: Environment, copy_gbps: float) -> list[Row]:
         """The CSV rows of this result.
 
         Rates are decreasing functions of the step time, so they are computed from its quantiles: the
         p20 of GB/s is the rate at the p80 step time, and p50 GB/s x p50 ms is exactly the bytes model.
+        The speed-up divides the median of the anchor steps taken in turn with these steps.
         """
         t50, t20, t80 = quantiles(self.timing.step_ms)
         out = {"step_ms": (t50, t20, t80)}
@@ -237,8 +258,9 @@ class Result:
 
         out["gbps"] = rate(self.bytes_per_step / 1e6)  # bytes / ms / 1e6 = GB/s
         out["bw_pct"] = rate(100 * self.bytes_per_step / 1e6 / copy_gbps)
-        if anchor_ms is not None:
-            out["speedup"] = rate(anchor_ms)
+        anchor = self.timing.anchor_ms or (self.timing.step_ms if (self.optimizer, self.impl) == ANCHOR else None)
+        if anchor:
+            out["speedup"] = rate(statistics.median(anchor))
         out["first_step_ms"] = (self.timing.first_ms,) * 3
         if self.timing.host_ms is not None:
             out["host_ms"] = quantiles(self.timing.host_ms)
@@ -287,8 +309,11 @@ def run(profiles: list[str], dtypes: list[str], algorithms: list[Algorithm], imp
     """Time every implementation of ``algorithms`` (restricted to ``impls`` when given) on every profile
     and dtype; return the CSV rows and the implementations that were skipped.
 
-    torch's fused AdamW always runs: it is the anchor of the speed-up column. A peer that fails (e.g. one
-    that refuses bf16 params) is reported as skipped; a fusedoptim failure is a bug and propagates.
+    torch's fused AdamW always runs, first in each (profile, dtype): it is the anchor of the speed-up, and
+    its steps alternate with every other implementation's timed steps. A peer that fails (e.g. one that
+    refuses bf16 params) is reported as skipped; so is a fusedoptim backend that says it "cannot run here"
+    at its first step (the C++ kernels check that they can be built when a bucket is first laid out);
+    any other fusedoptim failure is a bug and propagates.
     """
     device = settings.device
     plan: list[tuple[str, str, Algorithm, Impl]] = []
@@ -308,25 +333,35 @@ def run(profiles: list[str], dtypes: list[str], algorithms: list[Algorithm], imp
     for (profile, dtype), block in itertools.groupby(plan, key=lambda item: item[:2]):
         shapes = PROFILES[profile]()
         params, grads = make_params(shapes, DTYPES[dtype], device)
-        results: list[Result] = []
-        for _, _, algo, impl in block:
+        # The anchor runs first and stays alive: every later implementation's steps alternate with its steps.
+        block = list(block)
+        ordered = sorted(block, key=lambda item: (item[3].optimizer, item[3].impl) != ANCHOR)
+        anchor_step: Callable[[], object] | None = None
+        results: dict[tuple[str, str], Result] = {}
+        for _, _, algo, impl in ordered:
             bar.set_description(f"{profile} {dtype} {impl.optimizer} {impl.impl}")
+            is_anchor = (impl.optimizer, impl.impl) == ANCHOR
             copies = fresh_copies(params, grads)
             try:
-                timing = time_steps(impl.make(copies).step, settings)
+                opt = impl.make(copies)
+                timing = time_steps(opt.step, settings, anchor=None if is_anchor else anchor_step)
             except Exception as exc:  # a peer's limitation is a result to report, ours is a bug
-                if impl.impl.startswith("fusedoptim"):
+                if impl.impl.startswith("fusedoptim") and "cannot run here" not in str(exc):
                     raise
                 skips.append(Skip(impl.optimizer, impl.impl, profile, dtype, f"{type(exc).__name__}: {exc}"))
             else:
-                results.append(Result(impl.optimizer, impl.impl, profile, dtype,
-                                      bytes_per_step(algo, params), numel(shapes), timing))
+                results[impl.optimizer, impl.impl] = Result(impl.optimizer, impl.impl, profile, dtype,
+                                                            bytes_per_step(algo, params), numel(shapes), timing)
+                if is_anchor:
+                    anchor_step = opt.step
             del copies
+            opt = None
             release(device)
             bar.update()
-        anchor = [statistics.median(r.timing.step_ms) for r in results if (r.optimizer, r.impl) == ANCHOR]
-        for result in results:
-            rows += result.rows(env, statistics.median(copy_gbps), anchor[0] if anchor else None)
+        for _, _, _, impl in block:  # report in registry order
+            if (impl.optimizer, impl.impl) in results:
+                rows += results[impl.optimizer, impl.impl].rows(env, statistics.median(copy_gbps))
+        anchor_step = None
         del params, grads
         release(device)
     bar.close()

@@ -13,7 +13,7 @@ import torch
 
 import fusedoptim
 from benchmarks import __main__ as cli
-from benchmarks.harness import FIELDS, Settings, Timing, quantiles, time_steps
+from benchmarks.harness import FIELDS, Settings, quantiles, time_steps
 from benchmarks.profiles import PROFILES, numel
 from benchmarks.registry import ADAMW, BY_NAME, backend_unavailable, bytes_per_step, implementations
 
@@ -71,14 +71,17 @@ def test_every_implementation_steps_the_same_algorithm_family():
             assert (p.detach() < 1).all(), (algo.name, impl.impl)
 
 
-def test_time_steps_stops_at_the_budget():
+def test_time_steps_stops_at_the_budget_and_alternates_with_the_anchor():
     calls = []
-    timing = time_steps(lambda: calls.append(1), Settings(torch.device("cpu"), steps=50, warmup=2, min_steps=3,
-                                                          max_seconds=0.0))
-    assert len(timing.step_ms) == 3 and len(calls) == 1 + 2 + 3
-    assert timing.host_ms is None
+    settings = Settings(torch.device("cpu"), steps=50, warmup=2, min_steps=3, max_seconds=0.0)
+    timing = time_steps(lambda: calls.append("step"), settings)
+    assert calls == ["step"] * (1 + 2 + 3)  # first, warm-up, timed
+    assert len(timing.step_ms) == 3 and timing.host_ms is None and timing.anchor_ms is None
+    calls.clear()
+    timing = time_steps(lambda: calls.append("step"), settings, anchor=lambda: calls.append("anchor"))
+    assert calls == ["step"] * 3 + ["anchor", "step"] * 3
+    assert len(timing.anchor_ms) == len(timing.step_ms) == 3
     assert quantiles([4.0, 1.0, 2.0, 3.0, 5.0]) == (3.0, pytest.approx(1.8), pytest.approx(4.2))
-    assert isinstance(timing, Timing)
 
 
 def test_cli_writes_csv_markdown_and_png(tmp_path, capsys):
