@@ -37,9 +37,29 @@ from tqdm import tqdm
 from .profiles import PROFILES, Shape, numel
 from .registry import ANCHOR, Algorithm, Impl, bytes_per_step, implementations
 
-#: The CSV schema: one row per (optimizer, impl, profile, dtype, metric).
-FIELDS = ("optimizer", "impl", "profile", "dtype", "metric", "unit", "p50", "p20", "p80",
-          "device", "torch", "triton", "commit", "date")
+
+@dataclass(frozen=True)
+class Row:
+    """One CSV row: one metric of one (optimizer, impl, profile, dtype)."""
+
+    optimizer: str
+    impl: str
+    profile: str
+    dtype: str
+    metric: str
+    unit: str
+    p50: float
+    p20: float
+    p80: float
+    device: str
+    torch: str
+    triton: str
+    commit: str
+    date: str
+
+
+#: The CSV schema.
+FIELDS = tuple(f.name for f in dataclasses.fields(Row))
 
 #: metric -> unit, in report order.
 METRICS = {
@@ -209,26 +229,6 @@ def quantiles(values: Iterable[float]) -> tuple[float, float, float]:
         return xs[0], xs[0], xs[0]
     deciles = statistics.quantiles(xs, n=10, method="inclusive")
     return statistics.median(xs), deciles[1], deciles[7]
-
-
-@dataclass(frozen=True)
-class Row:
-    """One CSV row (see ``FIELDS``)."""
-
-    optimizer: str
-    impl: str
-    profile: str
-    dtype: str
-    metric: str
-    unit: str
-    p50: float
-    p20: float
-    p80: float
-    device: str
-    torch: str
-    triton: str
-    commit: str
-    date: str
 
 
 @dataclass
