@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown(rows, skips, described)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / f"{stem}.csv")
-    (args.out / f"{stem}.md").write_text(f"# fusedoptim optimizer-step benchmark ({env.device})\n\n{report}")
+    (args.out / f"{stem}.md").write_text(f"# fusedoptim optimizer-step benchmark: {env.device}\n\n{report}")
     plot(rows, args.out / f"{stem}.png")
     print(report)
     print(f"wrote {args.out / stem}.csv, .md, .png", file=sys.stderr)
