@@ -15,7 +15,7 @@ import fusedoptim
 from benchmarks import __main__ as cli
 from benchmarks.harness import FIELDS, Settings, quantiles, time_steps
 from benchmarks.profiles import PROFILES, numel
-from benchmarks.registry import ADAMW, BY_NAME, backend_unavailable, bytes_per_step, implementations
+from benchmarks.registry import ALGORITHMS, BY_NAME, backend_unavailable, bytes_per_step, implementations
 
 
 @pytest.mark.parametrize(("name", "tensors", "elements"), [
@@ -63,7 +63,7 @@ def test_backend_probe_skips_what_cannot_run_on_cpu():
 
 def test_every_implementation_found_here_takes_a_step():
     """Every impl the registry builds here (peers too, when installed) steps tiny params downhill."""
-    for algo in [ADAMW, BY_NAME["adabelief"], BY_NAME["adan"], BY_NAME["ademamix"]]:
+    for algo in ALGORITHMS:
         for impl in implementations(algo, torch.device("cpu"), torch.float32)[0]:
             p = torch.ones(4, 3, requires_grad=True)
             p.grad = torch.full_like(p, 0.5)
