@@ -156,6 +156,14 @@ class FusedOptimizer(Optimizer):
             for p in params:
                 if isinstance(p, torch.Tensor):
                     self._check_triton(p.device, p.dtype)
+        if self.backend == "cpu":  # what is known without building the extension (that happens at the first step)
+            for p in params:
+                supported = p.device.type == "cpu" and p.dtype in _cpu.SUPPORTED_DTYPES
+                reason = self._cpu_unsupported() or (
+                    None if supported else f"the C++ kernels run on CPU tensors of "
+                    f"{[str(d) for d in _cpu.SUPPORTED_DTYPES]}, not {p.device} {p.dtype}")
+                if reason is not None:
+                    raise RuntimeError(f"{type(self).__name__}(backend='cpu') cannot run here: {reason}")
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------- backends

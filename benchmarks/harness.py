@@ -1,0 +1,378 @@
+"""Timing, the bytes model, the copy bandwidth and the CSV rows: everything between the registry and the report.
+
+How one implementation is timed, on one parameter profile:
+
+1. fresh copies of the profile's parameters and gradients (gradients are preset once, never from a
+   backward pass, and copied per implementation because some peers modify ``p.grad``);
+2. the first ``step()`` alone: its latency (state allocation, Triton JIT, C++ build) is a metric of its own;
+3. ``warmup`` more steps, untimed;
+4. up to ``steps`` timed steps, stopping early once ``max_seconds`` are spent and ``min_steps`` are in,
+   so that slow implementations do not blow up the run time. On CUDA each step is bracketed by CUDA
+   events (device time) and the host time is kept too (a step can be launch- or Python-bound); on CPU
+   each step is timed with ``time.perf_counter``. Each timed step is preceded by a timed step of the
+   anchor, torch's fused AdamW on its own copy of the profile, so the speed-up is a ratio of steps taken
+   under the same load.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import itertools
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .profiles import PROFILES, Shape, numel
+from .registry import ANCHOR, Algorithm, Impl, bytes_per_step, implementations
+
+
+@dataclass(frozen=True)
+class Row:
+    """One CSV row: one metric of one (optimizer, impl, profile, dtype)."""
+
+    optimizer: str
+    impl: str
+    profile: str
+    dtype: str
+    metric: str
+    unit: str
+    p50: float
+    p20: float
+    p80: float
+    device: str
+    torch: str
+    triton: str
+    commit: str
+    date: str
+
+
+#: The CSV schema.
+FIELDS = tuple(f.name for f in dataclasses.fields(Row))
+
+#: metric -> unit, in report order.
+METRICS = {
+    "step_ms": "ms",          # time of one optimizer step
+    "gbps": "GB/s",           # bytes model / step time
+    "bw_pct": "%",            # gbps / copy bandwidth measured in the same run
+    "speedup": "x",           # torch fused AdamW's median step time / this step time
+    "first_step_ms": "ms",    # the first step alone: state allocation, JIT compilation
+    "host_ms": "ms",          # CUDA only: host time to issue one step
+    "bytes": "B/param",       # the bytes model: bytes a minimal step moves per parameter element
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long to time each implementation."""
+
+    device: torch.device
+    steps: int = 20
+    warmup: int = 1
+    min_steps: int = 3
+    max_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The columns every row repeats: where and with what the numbers were taken."""
+
+    device: str
+    torch: str
+    triton: str
+    commit: str
+    date: str
+
+    @classmethod
+    def detect(cls, device: torch.device) -> Environment:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+        else:
+            name = f"cpu ({torch.get_num_threads()} threads)"
+        try:
+            triton = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            triton = "-"
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return cls(name, torch.__version__, triton, _git_commit(), date)
+
+
+def _git_commit() -> str:
+    """Short hash of the checkout the benchmark runs from, ``+dirty`` when files differ from it."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+@dataclass
+class Timing:
+    """Raw times of one implementation on one profile, in milliseconds."""
+
+    first_ms: float
+    step_ms: list[float]
+    host_ms: list[float] | None  # CUDA only
+    anchor_ms: list[float] | None = None  # the anchor's steps, taken in turn with these
+
+
+def time_steps(step: Callable[[], object], settings: Settings, anchor: Callable[[], object] | None = None) -> Timing:
+    """Time ``step`` as described in the module docstring: first step, warm-up, then timed steps.
+
+    With ``anchor`` (torch fused AdamW's step on its own copy of the profile), every timed step is preceded
+    by a timed anchor step, so the speed-up compares steps taken under the same machine load: on this
+    2-core machine a neighbour's burst can slow one implementation's whole run by 2x.
+    """
+    cuda = settings.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first_ms = 1e3 * (time.perf_counter() - t0)
+    for _ in range(settings.warmup):
+        step()
+    sync()
+    records: list[tuple[Any, float]] = []
+    anchor_records: list[tuple[Any, float]] = []
+    start = time.perf_counter()
+    while len(records) < settings.steps and (len(records) < settings.min_steps
+                                             or time.perf_counter() - start < settings.max_seconds):
+        if anchor is not None:
+            anchor_records.append(_record(anchor, cuda))
+        records.append(_record(step, cuda))
+    sync()
+
+    def device_ms(recs: list[tuple[Any, float]]) -> list[float]:
+        # CUDA: the events' device time (readable after the synchronize above); CPU: the wall clock.
+        return [events[0].elapsed_time(events[1]) if events else host for events, host in recs]
+
+    return Timing(first_ms, device_ms(records), [h for _, h in records] if cuda else None,
+                  device_ms(anchor_records) if anchor is not None else None)
+
+
+def _record(fn: Callable[[], object], cuda: bool) -> tuple[Any, float]:
+    """Run ``fn`` once: (the CUDA events around it, or None on CPU; host milliseconds)."""
+    events = None
+    if cuda:
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record()
+    t = time.perf_counter()
+    fn()
+    host = 1e3 * (time.perf_counter() - t)
+    if events is not None:
+        events[1].record()
+    return events, host
+
+
+def copy_bandwidth(settings: Settings, nbytes: int) -> list[float]:
+    """GB/s samples of ``dst.copy_(src)`` over ``nbytes``, counted as read + write: the memory roofline.
+
+    On CPU an optimizer's in-place streams can beat it (a copy also reads the destination's cache lines
+    before writing them), so % of copy bandwidth may exceed 100 there.
+    """
+    src = torch.ones(nbytes // 4, device=settings.device)
+    dst = torch.empty_like(src)
+    timing = time_steps(lambda: dst.copy_(src), dataclasses.replace(settings, warmup=2))
+    return [2 * nbytes / (ms * 1e6) for ms in timing.step_ms]
+
+
+def make_params(shapes: list[Shape], dtype: torch.dtype, device: torch.device,
+                seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameters (N(0, 0.02), a typical init) and preset gradients (N(0, 1e-3)) of a profile."""
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def randn(shape: Shape, scale: float) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device).mul_(scale).to(dtype)
+
+    return [randn(s, 0.02) for s in shapes], [randn(s, 1e-3) for s in shapes]
+
+
+def fresh_copies(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf copies of ``params`` with a copy of their gradient set: every implementation starts equal."""
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        q = p.clone().requires_grad_()
+        q.grad = g.clone()
+        out.append(q)
+    return out
+
+
+def release(device: torch.device) -> None:
+    """Give the last implementation's memory back before the next one allocates (GPT-2 states are GBs)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def quantiles(values: Iterable[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile), interpolated linearly between samples."""
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    deciles = statistics.quantiles(xs, n=10, method="inclusive")
+    return statistics.median(xs), deciles[1], deciles[7]
+
+
+@dataclass
+class Result:
+    """One implementation measured on one profile and dtype, with what its derived metrics need."""
+
+    optimizer: str
+    impl: str
+    profile: str
+    dtype: str
+    bytes_per_step: float
+    numel: int
+    timing: Timing
+
+    def rows(self, env: Environment, copy_gbps: float) -> list[Row]:
+        """The CSV rows of this result.
+
+        Rates are decreasing functions of the step time, so they are computed from its quantiles: the
+        p20 of GB/s is the rate at the p80 step time, and p50 GB/s x p50 ms is exactly the bytes model.
+        The speed-up divides the median of the anchor steps taken in turn with these steps.
+        """
+        t50, t20, t80 = quantiles(self.timing.step_ms)
+        out = {"step_ms": (t50, t20, t80)}
+
+        def rate(numerator: float) -> tuple[float, float, float]:
+            return numerator / t50, numerator / t80, numerator / t20
+
+        out["gbps"] = rate(self.bytes_per_step / 1e6)  # bytes / ms / 1e6 = GB/s
+        out["bw_pct"] = rate(100 * self.bytes_per_step / 1e6 / copy_gbps)
+        is_anchor = (self.optimizer, self.impl) == ANCHOR
+        anchor_ms = self.timing.step_ms if is_anchor else self.timing.anchor_ms
+        if anchor_ms:
+            out["speedup"] = rate(statistics.median(anchor_ms))
+        out["first_step_ms"] = (self.timing.first_ms,) * 3
+        if self.timing.host_ms is not None:
+            out["host_ms"] = quantiles(self.timing.host_ms)
+        out["bytes"] = (self.bytes_per_step / self.numel,) * 3
+        return [Row(self.optimizer, self.impl, self.profile, self.dtype, metric, METRICS[metric], *values,
+                    *dataclasses.astuple(env)) for metric, values in out.items()]
+
+
+def copy_rows(samples: list[float], env: Environment) -> list[Row]:
+    """The copy-bandwidth row: optimizer ``copy``, impl ``torch``, no profile."""
+    return [Row("copy", "torch", "-", "fp32", "gbps", "GB/s", *quantiles(samples), *dataclasses.astuple(env))]
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    """Write ``rows`` with the header ``FIELDS``; numbers with 4 significant digits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FIELDS)
+        for row in rows:
+            values = dataclasses.astuple(row)
+            writer.writerow([f"{v:.4g}" if isinstance(v, float) else v for v in values])
+
+
+def read_csv(path: Path) -> list[Row]:
+    """Rows written by ``write_csv`` (the report can be re-rendered from a CSV alone)."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == FIELDS, f"{path}: columns {reader.fieldnames}, expected {FIELDS}"
+        return [Row(**{k: float(v) if k in ("p50", "p20", "p80") else v for k, v in r.items()}) for r in reader]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An implementation that did not run, and why (not installed, backend not built, dtype refused)."""
+
+    optimizer: str
+    impl: str
+    profile: str
+    dtype: str
+    reason: str
+
+
+def run(profiles: list[str], dtypes: list[str], algorithms: list[Algorithm], impls: set[str] | None,
+        settings: Settings, env: Environment, progress: bool = True) -> tuple[list[Row], list[Skip]]:
+    """Time every implementation of ``algorithms`` (restricted to ``impls`` when given) on every profile
+    and dtype; return the CSV rows and the implementations that were skipped.
+
+    torch's fused AdamW always runs, first in each (profile, dtype): it is the anchor of the speed-up, and
+    its steps alternate with every other implementation's timed steps. A peer that fails (e.g. one that
+    refuses bf16 params) is reported as skipped; so is a fusedoptim backend that says it "cannot run here"
+    at its first step (the C++ kernels check that they can be built when a bucket is first laid out);
+    any other fusedoptim failure is a bug and propagates.
+    """
+    device = settings.device
+    plan: list[tuple[str, str, Algorithm, Impl]] = []
+    skips: list[Skip] = []
+    for profile, dtype in itertools.product(profiles, dtypes):
+        for algo in algorithms:
+            found, missing = implementations(algo, device, DTYPES[dtype])
+            skips += [Skip(algo.name, impl, profile, dtype, why) for impl, why in missing
+                      if impls is None or impl in impls]
+            plan += [(profile, dtype, algo, i) for i in found
+                     if impls is None or i.impl in impls or (i.optimizer, i.impl) == ANCHOR]
+    bar = tqdm(total=len(plan) + 2, disable=not progress, unit="run", file=sys.stderr, dynamic_ncols=True)
+    bar.set_description("copy bandwidth")
+    copy_bytes = 256 * 2**20 if device.type == "cpu" else 2**30
+    copy_gbps = copy_bandwidth(settings, copy_bytes)
+    bar.update()
+    results: dict[tuple[str, str, str, str], Result] = {}
+    for (profile, dtype), block in itertools.groupby(plan, key=lambda item: item[:2]):
+        shapes = PROFILES[profile]()
+        params, grads = make_params(shapes, DTYPES[dtype], device)
+        # The anchor runs first and stays alive: every later implementation's steps alternate with its steps.
+        ordered = sorted(block, key=lambda item: (item[3].optimizer, item[3].impl) != ANCHOR)
+        anchor: Result | None = None
+        anchor_step: Callable[[], object] | None = None
+        for _, _, algo, impl in ordered:
+            bar.set_description(f"{profile} {dtype} {impl.optimizer} {impl.impl}")
+            is_anchor = (impl.optimizer, impl.impl) == ANCHOR
+            copies = fresh_copies(params, grads)
+            try:
+                opt = impl.make(copies)
+                timing = time_steps(opt.step, settings, anchor=None if is_anchor else anchor_step)
+            except Exception as exc:  # a peer's limitation is a result to report, ours is a bug
+                if impl.impl.startswith("fusedoptim") and "cannot run here" not in str(exc):
+                    raise
+                skips.append(Skip(impl.optimizer, impl.impl, profile, dtype, f"{type(exc).__name__}: {exc}"))
+            else:
+                result = Result(impl.optimizer, impl.impl, profile, dtype, bytes_per_step(algo, params),
+                                numel(shapes), timing)
+                results[profile, dtype, impl.optimizer, impl.impl] = result
+                if is_anchor:
+                    anchor, anchor_step = result, opt.step
+                elif anchor is not None and timing.anchor_ms:
+                    # The anchor's row summarises all its steps, spread over the block, not only its own run.
+                    anchor.timing.step_ms += timing.anchor_ms
+            del copies
+            opt = None
+            release(device)
+            bar.update()
+        anchor_step = None
+        del params, grads
+        release(device)
+    # Measured again at the end: one burst of load at the start must not set the roofline alone.
+    bar.set_description("copy bandwidth")
+    copy_gbps += copy_bandwidth(settings, copy_bytes)
+    bar.update()
+    rows = copy_rows(copy_gbps, env)
+    for profile, dtype, _, impl in plan:  # report in registry order
+        if (profile, dtype, impl.optimizer, impl.impl) in results:
+            rows += results[profile, dtype, impl.optimizer, impl.impl].rows(env, statistics.median(copy_gbps))
+    bar.close()
+    return rows, skips

@@ -1,0 +1,136 @@
+"""The benchmark harness (benchmarks/): profiles, bytes model, registry probing, and one end-to-end run.
+
+The benchmark itself is not a test; these check that what it reports is computed as documented.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+import fusedoptim
+from benchmarks import __main__ as cli
+from benchmarks.harness import FIELDS, Settings, quantiles, time_steps
+from benchmarks.profiles import PROFILES, numel
+from benchmarks.registry import ALGORITHMS, BY_NAME, backend_unavailable, bytes_per_step, implementations
+
+
+@pytest.mark.parametrize(("name", "tensors", "elements"), [
+    ("resnet50", 161, 25_557_032),   # torchvision resnet50()
+    ("vit_b16", 152, 86_567_656),    # torchvision vit_b_16()
+    ("gpt2", 148, 124_439_808),      # Hugging Face gpt2, lm_head tied
+    ("many_small", 4096, 4096 * 4096),
+    ("one_big", 1, 8192 * 8192),
+])
+def test_profiles_have_the_models_parameter_counts(name, tensors, elements):
+    shapes = PROFILES[name]()
+    assert len(shapes) == tensors
+    assert numel(shapes) == elements
+
+
+@pytest.mark.parametrize(("algo", "dtype", "expected"), [
+    ("adabelief", torch.float32, 28), ("adan", torch.float32, 44), ("ademamix", torch.float32, 36),
+    ("adabelief", torch.bfloat16, 22),  # bf16 p, g; fp32 states
+    ("adamw", torch.float32, 28), ("adamw", torch.bfloat16, 14),  # torch keeps AdamW's states in the param dtype
+])
+def test_bytes_model_matches_design_table(algo, dtype, expected):
+    params = [torch.zeros(3, 5, dtype=dtype), torch.zeros(7, dtype=dtype)]
+    assert bytes_per_step(BY_NAME[algo], params) == expected * 22
+
+
+def test_lookahead_bytes_add_the_fused_sync():
+    params = [torch.zeros(6)]
+    base = bytes_per_step(BY_NAME["adabelief"], params)
+    assert bytes_per_step(BY_NAME["lookahead-adabelief"], params) == pytest.approx(base + 6 * 8 / 6)
+
+
+def test_backend_probe_skips_what_cannot_run_on_cpu():
+    cpu = torch.device("cpu")
+    # This process runs Triton through the interpreter (tests/conftest.py): it is still never benchmarked.
+    assert "interpreter" in backend_unavailable(fusedoptim.Adan, "triton", cpu, torch.float32)
+    assert backend_unavailable(fusedoptim.Adan, "reference", cpu, torch.bfloat16) is None
+    if "cpu" not in fusedoptim.BACKENDS:
+        assert "not in this fusedoptim" in backend_unavailable(fusedoptim.Adan, "cpu", cpu, torch.float32)
+    found, skipped = implementations(BY_NAME["adan"], cpu, torch.float32)
+    impls = [i.impl for i in found]
+    assert "fusedoptim-reference" in impls and "fusedoptim-triton" not in impls
+    assert ("fusedoptim-cpu" in impls) == ("cpu" in fusedoptim.BACKENDS)
+    assert {i for i, _ in skipped} | set(impls) >= {"fusedoptim-triton", "fusedoptim-reference", "fusedoptim-cpu"}
+
+
+def test_every_implementation_found_here_takes_a_step():
+    """Every impl the registry builds here (peers too, when installed) steps tiny params downhill."""
+    for algo in ALGORITHMS:
+        for impl in implementations(algo, torch.device("cpu"), torch.float32)[0]:
+            p = torch.ones(4, 3, requires_grad=True)
+            p.grad = torch.full_like(p, 0.5)
+            impl.make([p]).step()
+            assert (p.detach() < 1).all(), (algo.name, impl.impl)
+
+
+def test_time_steps_stops_at_the_budget_and_alternates_with_the_anchor():
+    calls = []
+    settings = Settings(torch.device("cpu"), steps=50, warmup=2, min_steps=3, max_seconds=0.0)
+    timing = time_steps(lambda: calls.append("step"), settings)
+    assert calls == ["step"] * (1 + 2 + 3)  # first, warm-up, timed
+    assert len(timing.step_ms) == 3 and timing.host_ms is None and timing.anchor_ms is None
+    calls.clear()
+    timing = time_steps(lambda: calls.append("step"), settings, anchor=lambda: calls.append("anchor"))
+    assert calls == ["step"] * 3 + ["anchor", "step"] * 3
+    assert len(timing.anchor_ms) == len(timing.step_ms) == 3
+    assert quantiles([4.0, 1.0, 2.0, 3.0, 5.0]) == (3.0, pytest.approx(1.8), pytest.approx(4.2))
+
+
+def test_cli_writes_csv_markdown_and_png(tmp_path, capsys):
+    cli.main(["--device", "cpu", "--profiles", "resnet50_l1", "--dtypes", "fp32", "--optimizers", "adamw,adan",
+              "--steps", "3", "--min-steps", "3", "--warmup", "0", "--out", str(tmp_path), "--no-progress"])
+    with (tmp_path / "cpu.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == FIELDS
+        rows = list(reader)
+    assert {r["device"] for r in rows} == {f"cpu ({torch.get_num_threads()} threads)"}
+    table = {(r["optimizer"], r["impl"], r["metric"]): r for r in rows}
+    copy_gbps = float(table["copy", "torch", "gbps"]["p50"])
+    assert copy_gbps > 0
+    assert float(table["adamw", "torch-fused", "speedup"]["p50"]) == 1.0
+    for impl in ["torch-forloop", "torch-foreach", "torch-fused", "fusedoptim-reference"]:
+        optimizer = "adan" if impl.startswith("fusedoptim") else "adamw"
+        ms, gbps, pct, nbytes = (float(table[optimizer, impl, metric]["p50"])
+                                 for metric in ("step_ms", "gbps", "bw_pct", "bytes"))
+        assert nbytes == (44 if optimizer == "adan" else 28)
+        # the CSV keeps 4 significant digits
+        assert gbps == pytest.approx(nbytes * numel(PROFILES["resnet50_l1"]()) / (ms * 1e6), rel=2e-3)
+        assert pct == pytest.approx(100 * gbps / copy_gbps, rel=2e-3)
+        lo, hi = (float(table[optimizer, impl, "step_ms"][q]) for q in ("p20", "p80"))
+        assert lo <= ms <= hi and math.isfinite(float(table[optimizer, impl, "first_step_ms"]["p50"]))
+    out = capsys.readouterr().out
+    assert "| adan | fusedoptim-reference | 44 |" in out
+    assert (tmp_path / "cpu.md").read_text().count("### resnet50_l1 · fp32") == 1
+    assert (tmp_path / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_steps_on_cuda_uses_events_and_keeps_host_time(monkeypatch):
+    """The CUDA branch, without a GPU: events stand in for torch.cuda.Event and record host time."""
+    clock = iter(range(0, 10_000, 7))  # each event records 7 ms after the previous one
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+            self.t = None
+
+        def record(self) -> None:
+            self.t = next(clock)
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return float(end.t - self.t)
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    timing = time_steps(lambda: None, Settings(torch.device("cuda"), steps=4, warmup=1, min_steps=4))
+    assert timing.step_ms == [7.0] * 4
+    assert timing.host_ms is not None and len(timing.host_ms) == 4
+    assert len(syncs) == 4  # before and after the first step, after warm-up, after the timed steps
