@@ -101,11 +101,14 @@ def _big_profile(dtype, gen):
     return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
 
 
-CPU_CASES = [c for c in CASES if c.cls.cpu_rule]  # the rules with a C++ kernel
+# Thread splitting does not depend on the options: one case per optimizer, the one with the most state buffers
+# (all 20 case x dtype runs took 23 s on this 2-core machine; every case is in test_parity.py).
+_SCALE_CASES = [c for c in CASES if c.name in ("adabelief-decoupled-amsgrad", "adan-noprox-amsgrad",
+                                                 "ademamix-warmup-wd")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", _SCALE_CASES, ids=lambda c: c.name)
 def test_threads_split_tensors_and_match_reference_and_one_thread(case, dtype):
     """Results do not depend on the thread count (bitwise), and match the reference.
 
