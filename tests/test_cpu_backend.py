@@ -12,7 +12,7 @@ import torch
 from cases import CASES
 from helpers import assert_param_close, assert_state_close
 
-from fusedoptim import Adan, _cpu
+from fusedoptim import LAMB, Adan, _cpu
 
 
 @pytest.fixture
@@ -82,16 +82,13 @@ def test_auto_without_compiler_warns_once_and_runs_the_reference(no_compiler):
 
 
 def test_cpu_backend_rejects_what_it_cannot_run():
-    p = torch.zeros(3, dtype=torch.float64)
-    opt = Adan([p], backend="cpu")
-    p.grad = torch.ones(3, dtype=torch.float64)
+    """At construction, as backend='triton' does: an fp64 or non-CPU param, or an optimizer without a C++ rule."""
     with pytest.raises(RuntimeError, match="backend='cpu'.*float64"):
-        opt.step()
-    m = torch.empty(3, device="meta")
-    opt = Adan([m], backend="cpu")
-    m.grad = torch.empty(3, device="meta")
-    with pytest.raises(RuntimeError, match="backend='cpu'.*CPU tensors, not meta"):
-        opt.step()
+        Adan([torch.zeros(3, dtype=torch.float64)], backend="cpu")
+    with pytest.raises(RuntimeError, match="backend='cpu'.*CPU tensors.*not meta"):
+        Adan([torch.empty(3, device="meta")], backend="cpu")
+    with pytest.raises(RuntimeError, match="LAMB\\(backend='cpu'\\).*no C\\+\\+ kernel"):
+        LAMB([torch.zeros(3)], backend="cpu")
 
 
 def _big_profile(dtype, gen):
