@@ -271,11 +271,19 @@ class Scout(_SyncWrapper):
         self._snapshots: dict[torch.Tensor, torch.Tensor] = {}
 
     def _snapshot_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        """Tensor p's ring of ``sync_period`` fast-weight snapshots, allocated once."""
+        """Tensor p's ring of ``sync_period`` fast-weight snapshots: a [k, *shape] view into one flat
+        [k, total] fp32 buffer per bucket of the slow weights, allocated once."""
         buffer = self._snapshots.get(p)
         if buffer is None:
-            slow = self.state[p]["slow_param"]
-            buffer = self._snapshots[p] = slow.new_zeros((self.sync_period, *slow.shape))
+            for group in self._holder.param_groups:
+                for bucket in self._holder._buckets(group):
+                    slow = bucket.states["slow_param"]
+                    flat = slow.new_zeros((self.sync_period, slow.numel()))
+                    for i, q in enumerate(bucket.params):
+                        if q not in self._snapshots:
+                            segment = flat[:, bucket.offsets[i]:bucket.offsets[i] + bucket.numels[i]]
+                            self._snapshots[q] = segment.view(self.sync_period, *q.shape)
+            buffer = self._snapshots[p]
         return buffer
 
     def _after_base_step(self) -> None:

@@ -153,6 +153,9 @@ def test_scout_frozen_entry_and_validation():
         opt.step()
         assert torch.isfinite(p).all() and torch.isfinite(frozen).all()
     assert torch.isfinite(opt.last_rate())
+    # the k snapshots of all params: one preallocated flat ring buffer per bucket
+    storages = {opt._snapshot_buffer(q).untyped_storage().data_ptr() for q in (p, frozen)}
+    assert len(storages) == 1 and opt._snapshot_buffer(frozen).shape == (3, 4)
 
 
 def test_scout_rate_is_holocrons_statistic():
