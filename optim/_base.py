@@ -538,7 +538,8 @@ class FusedOptimizer(Optimizer):
                 continue
             entry = dict(saved_state[pid])
             for name, value in entry.items():
-                if isinstance(value, torch.Tensor) and name != "step" and value.numel() != p.numel():
+                per_tensor = name == "step" or name in self.tensor_state_names  # one value per param
+                if isinstance(value, torch.Tensor) and not per_tensor and value.numel() != p.numel():
                     raise ValueError(f"state {name!r} of a param of shape {tuple(p.shape)} has "
                                      f"{value.numel()} elements in the loaded state dict")
             adopted[p] = entry
