@@ -15,13 +15,15 @@ template <bool no_prox, bool amsgrad>
 struct adan_update {
   static constexpr int num_hyper = 9;
   static constexpr int num_states = amsgrad ? 5 : 4;
-  float step, lr, beta1, beta2, beta3, eps, weight_decay, bias_correction1, bias_correction2, bias_correction3;
+  // the per-tensor scalars of the rule (kernels/adan.py): one division per element instead of four
+  float step, lr, beta1, beta2, beta3, eps, weight_decay, exp_avg_scale, exp_avg_diff_scale, exp_avg_sq_scale;
 
   adan_update(float step, float lr, float beta1, float beta2, float beta3, double log_beta1, double log_beta2,
               double log_beta3, float eps, float weight_decay)
       : step(step), lr(lr), beta1(beta1), beta2(beta2), beta3(beta3), eps(eps),
-        weight_decay(weight_decay), bias_correction1(bias_correction(log_beta1, step)),
-        bias_correction2(bias_correction(log_beta2, step)), bias_correction3(bias_correction(log_beta3, step)) {}
+        weight_decay(weight_decay), exp_avg_scale(1.0f / bias_correction(log_beta1, step)),
+        exp_avg_diff_scale(beta2 / bias_correction(log_beta2, step)),
+        exp_avg_sq_scale(1.0f / std::sqrt(bias_correction(log_beta3, step))) {}
 
   float operator()(float param, float grad, float* const* state, int64_t i) const {
     float exp_avg = state[0][i], exp_avg_diff = state[1][i], exp_avg_sq = state[2][i], prev_grad = state[3][i];
@@ -40,8 +42,8 @@ struct adan_update {
       second_moment = max_exp_avg_sq;
       state[4][i] = max_exp_avg_sq;
     }
-    const float denom = std::sqrt(second_moment) / std::sqrt(bias_correction3) + eps;
-    const float update = (exp_avg / bias_correction1 + beta2 * exp_avg_diff / bias_correction2) / denom;
+    const float denom = std::sqrt(second_moment) * exp_avg_sq_scale + eps;
+    const float update = (exp_avg * exp_avg_scale + exp_avg_diff_scale * exp_avg_diff) / denom;
     if (no_prox) return param * (1.0f - lr * weight_decay) - lr * update;
     return (param - lr * update) / (1.0f + lr * weight_decay);
   }

@@ -16,15 +16,23 @@ from ._template import multi_tensor_step_kernel, segment_sum_kernel
 #: before triton was imported). Decided once, at decoration time, by Triton itself.
 INTERPRETED: bool = not isinstance(multi_tensor_step_kernel, triton.runtime.JITFunction)
 
-# Elements per program. Compiled: 1024 elements per 4 warps keeps an Adam-like rule at 48 registers
-# with 128-bit accesses (2048 → 64 regs, 4096 → 123 regs and 25% occupancy; sm_90). The interpreter
-# pays ~10 ms of Python per program for this template and ~0.15 µs per element, so it wants larger
-# blocks, but not so large that tiny tensors pay for a mostly masked block. Measured on the Adan parity
-# test (6 steps): 200 tensors of <= 40 elements 13.8 / 16.5 / 21.1 s and 7 ragged tensors up to 4097
-# elements 3.0 / 2.2 / 3.4 s at BLOCK 1024 / 4096 / 16384.
-BLOCK_COMPILED = 1024
+# Elements per program. Compiled: 4 warps, each thread one 128-bit vector of params: 512 fp32 or 1024 bf16 / fp16
+# elements. The registers a thread needs grow with its elements times the arrays the rule streams (sm_90, 4 warps,
+# measured by benchmarks/compiled.py): Adan (θ, g and 4 fp32 states) at 8 fp32 elements per thread takes 80
+# registers (37% occupancy) and 64 with an empty rule; at 4 it takes <= 64 (50%). Fewer than 8 bf16 elements
+# per thread would make the param and grad loads narrower than 128 bits. An Adam-like rule at 2048 elements takes
+# 64 registers, at 4096 123 (25% occupancy). The interpreter pays ~10 ms of Python per program for this template
+# and ~0.15 µs per element, so it wants larger blocks, but not so large that tiny tensors pay for a mostly masked
+# block. Measured on the Adan parity test (6 steps): 200 tensors of <= 40 elements 13.8 / 16.5 / 21.1 s and 7
+# ragged tensors up to 4097 elements 3.0 / 2.2 / 3.4 s at BLOCK 1024 / 4096 / 16384.
+BLOCK_COMPILED = {torch.float32: 512, torch.bfloat16: 1024, torch.float16: 1024}
 NUM_WARPS = 4
 BLOCK_INTERPRETED = 4096
+# Compiler options of the step kernel. sched4reg: LLVM schedules for register pressure. Without it every load of a
+# block is hoisted first and 16-bit params (8 elements per thread) need more registers than 50% occupancy allows
+# (sm_90, 4 warps): AdaBelief bf16 with a fused sync 76 -> 61 registers, AdEMAMix bf16 72 -> 64, fp32 kernels
+# unchanged or lower (benchmarks/compiled.py).
+STEP_COMPILE_OPTIONS = {"num_warps": NUM_WARPS, "sched4reg": True}
 
 #: Kernel launches by kernel name; tests read it to check launches per step.
 LAUNCH_COUNTS: Counter[str] = Counter()
@@ -34,8 +42,9 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
-def block_size() -> int:
-    return BLOCK_INTERPRETED if INTERPRETED else BLOCK_COMPILED
+def block_size(param_dtype: torch.dtype) -> int:
+    """Elements per program of the step kernel for params of ``param_dtype``."""
+    return BLOCK_INTERPRETED if INTERPRETED else BLOCK_COMPILED[param_dtype]
 
 
 def device_ok(device: torch.device) -> str | None:
@@ -76,32 +85,60 @@ def launch_step(
     """
     (param_ptrs, grad_ptrs, state_offsets, _, _, chunk_tensor, chunk_start, chunk_end,
      chunk_segment) = split_tables(tables, *sizes)
+    options = step_options(rule, flags, param_dtype, maximize, aligned,
+                           num_sums=0 if partials is None else partials.shape[1],
+                           num_factors=0 if factors is None else factors.shape[1],
+                           store_param=store_param, store_state=store_state, sync=slow is not None)
     # Triton launches on the *current* CUDA device, which need not be the bucket's.
     guard = torch.cuda.device(steps.device) if steps.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         multi_tensor_step_kernel[(sizes[2],)](
             param_ptrs, grad_ptrs, state_offsets, steps, chunk_tensor, chunk_start, chunk_end, chunk_segment,
             tuple(states), tuple(hyper), steps if partials is None else partials, steps if factors is None else factors,
-            steps if slow is None else slow, steps if sync_rate is None else sync_rate,
-            RULE=rule, FLAGS=tuple(flags), PARAM_DTYPE=_TL_DTYPES[param_dtype], MAXIMIZE=maximize,
-            ALIGNED=aligned, BLOCK=block_size(),
-            NUM_SUMS=0 if partials is None else partials.shape[1],
-            NUM_FACTORS=0 if factors is None else factors.shape[1],
-            STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=slow is not None, num_warps=NUM_WARPS,
-        )
+            steps if slow is None else slow, steps if sync_rate is None else sync_rate, **options)
     LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
+
+
+def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtype, maximize: bool, aligned: bool,
+                 *, num_sums: int = 0, num_factors: int = 0, store_param: bool = True, store_state: bool = True,
+                 sync: bool = False) -> dict:
+    """The compile-time arguments of one ``multi_tensor_step_kernel`` launch (its constexprs and compiler options):
+    together with ``step_signature`` they name the specialisation that runs. The compiled-code checks
+    (``benchmarks/compiled.py``) build what they compile from these two functions, so they check what is launched.
+    """
+    return dict(RULE=rule, FLAGS=tuple(flags), PARAM_DTYPE=_TL_DTYPES[param_dtype], MAXIMIZE=maximize,
+                ALIGNED=aligned, BLOCK=block_size(param_dtype), NUM_SUMS=num_sums, NUM_FACTORS=num_factors,
+                STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=sync, **STEP_COMPILE_OPTIONS)
+
+
+def step_signature(num_states: int, num_hyper: int) -> dict[str, str | tuple[str, ...]]:
+    """Triton's types of the runtime arguments of ``multi_tensor_step_kernel`` as ``launch_step`` passes them:
+    the tables are int64, steps / partials / factors / slow / sync rate fp32 (``steps`` stands in for the
+    unused ones), states fp32 pointers, hyperparameters fp32 scalars."""
+    signature: dict[str, str | tuple[str, ...]] = {name: "*i64" for name in (
+        "param_ptrs", "grad_ptrs", "state_offsets", "chunk_tensor", "chunk_start", "chunk_end", "chunk_segment")}
+    signature.update(steps="*fp32", partials="*fp32", factors="*fp32", slow="*fp32", sync_rate_ptr="*fp32",
+                     state_ptrs=("*fp32",) * num_states, hyper=("fp32",) * num_hyper)
+    return signature
+
+
+def segment_sum_options(num_sums: int) -> dict:
+    """The compile-time arguments of one ``segment_sum_kernel`` launch (see ``step_options``)."""
+    return dict(NUM_SUMS=num_sums, SUMS_POW2=triton.next_power_of_2(num_sums), CHUNKS=64 if INTERPRETED else 16,
+                num_warps=1)
+
+
+SEGMENT_SUM_SIGNATURE = {"partials": "*fp32", "segment_begin": "*i64", "segment_end": "*i64", "sums": "*fp32"}
 
 
 def launch_segment_sum(partials: torch.Tensor, tables: torch.Tensor, sizes: tuple[int, int, int],
                        sums: torch.Tensor) -> None:
     """sums[s, k] = the partials of segment s's chunks, added in a fixed order (one program per segment)."""
     segment_begin, segment_end = split_tables(tables, *sizes)[3:5]
-    num_sums = partials.shape[1]
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        segment_sum_kernel[(sizes[1],)](
-            partials, segment_begin, segment_end, sums, NUM_SUMS=num_sums,
-            SUMS_POW2=triton.next_power_of_2(num_sums), CHUNKS=64 if INTERPRETED else 16, num_warps=1)
+        segment_sum_kernel[(sizes[1],)](partials, segment_begin, segment_end, sums,
+                                        **segment_sum_options(partials.shape[1]))
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 

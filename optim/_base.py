@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -21,6 +21,17 @@ from ._layout import chunk_table, padded_offsets
 
 Backend = Literal["auto", "triton", "cpu", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "cpu", "reference")
+
+
+class KernelPass(NamedTuple):
+    """One Triton launch of a step over a bucket: which rule, and what the template does around it."""
+
+    rule: tuple[str, str]  # (kernels module, rule function)
+    num_sums: int          # > 0: pass A, emitting that many per-chunk sums
+    num_factors: int       # > 0: pass B, reading that many per-segment factors
+    store_param: bool
+    store_state: bool
+    last: bool             # the step's last pass: where a Lookahead sync is fused (SYNC)
 
 
 @dataclass(eq=False)
@@ -117,6 +128,15 @@ class FusedOptimizer(Optimizer):
         self._slow_attached = False  # a Lookahead keeps its slow weights in our buckets (attach_slow_weights)
         self._pending_sync: torch.Tensor | None = None
         super().__init__(params, defaults)
+
+    @classmethod
+    def kernel_passes(cls) -> tuple[KernelPass, ...]:
+        """The multi-tensor launches of one step per bucket, in order (a segment sum runs between two passes).
+        The Triton path launches exactly these; the compiled-code checks compile exactly these."""
+        apply = KernelPass(cls.kernel_rule, 0, len(cls.factor_names), True, cls.apply_writes_state, True)
+        if not cls.num_sums:
+            return (apply,)
+        return (KernelPass(cls.kernel_prepare, cls.num_sums, 0, False, cls.prepare_writes_state, False), apply)
 
     # ----------------------------------------------------------------- subclass hooks
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -387,8 +407,8 @@ class FusedOptimizer(Optimizer):
             run = _Run(bucket, indices, list(bucket.params), (), (), False)  # grads unread: the params' addresses
             self._build_tables(run)
             if bucket.num_chunks:
-                self._launch(run, ("lookahead", "keep"), store_state=False, slow=bucket.states["slow_param"],
-                             sync_rate=sync_rate)
+                self._launch(run, SYNC_PASS.rule, states=(), store_state=SYNC_PASS.store_state,
+                         slow=bucket.states["slow_param"], sync_rate=sync_rate)
             return
         for i in indices:
             p = bucket.params[i]
@@ -476,7 +496,7 @@ class FusedOptimizer(Optimizer):
         if key == bucket.table_key:
             return
         row_lengths = bucket.segments.row_lengths if bucket.segments is not None else None
-        table = chunk_table(bucket.numels, run.active, kernels.block_size(), row_lengths)
+        table = chunk_table(bucket.numels, run.active, kernels.block_size(bucket.dtype), row_lengths)
         host = torch.tensor(bucket.param_ptrs + grad_ptrs + bucket.offsets + table.segment_begin + table.segment_end
                             + table.chunk_tensor + table.chunk_start + table.chunk_end + table.chunk_segment,
                             dtype=torch.int64)
@@ -490,14 +510,15 @@ class FusedOptimizer(Optimizer):
         bucket.aligned = (all(ptr % 16 == 0 for i in run.active for ptr in (bucket.param_ptrs[i], grad_ptrs[i]))
                           and all(start % 16 == 0 for start in table.chunk_start))
 
-    def _launch(self, run: _Run, rule: tuple[str, str], **kwargs: Any) -> None:
+    def _launch(self, run: _Run, rule: tuple[str, str], states: Sequence[torch.Tensor] | None = None,
+                **kwargs: Any) -> None:
         from . import kernels
 
         bucket = run.bucket
-        kernels.launch_step(
-            _kernel_rule(rule), run.flags, bucket.tables, bucket.sizes, bucket.steps,
-            [bucket.states[name] for name in bucket.rule_state_names], run.hyper, bucket.dtype, run.maximize,
-            bucket.aligned, **kwargs)
+        if states is None:
+            states = [bucket.states[name] for name in bucket.rule_state_names]
+        kernels.launch_step(_kernel_rule(rule), run.flags, bucket.tables, bucket.sizes, bucket.steps, states,
+                            run.hyper, bucket.dtype, run.maximize, bucket.aligned, **kwargs)
 
     def _triton_prepare(self, run: _Run) -> torch.Tensor:
         from . import kernels
@@ -505,17 +526,19 @@ class FusedOptimizer(Optimizer):
         bucket = run.bucket
         sums = torch.zeros(bucket.sizes[1], self.num_sums, dtype=torch.float32, device=bucket.device)
         if bucket.num_chunks:
-            partials = torch.empty(bucket.num_chunks, self.num_sums, dtype=torch.float32, device=bucket.device)
-            self._launch(run, type(self).kernel_prepare, partials=partials, store_param=False,
-                         store_state=self.prepare_writes_state)
+            prepare = self.kernel_passes()[0]
+            partials = torch.empty(bucket.num_chunks, prepare.num_sums, dtype=torch.float32, device=bucket.device)
+            self._launch(run, prepare.rule, partials=partials, store_param=prepare.store_param,
+                         store_state=prepare.store_state)
             kernels.launch_segment_sum(partials, bucket.tables, bucket.sizes, sums)
         return sums
 
     def _triton_apply(self, run: _Run, factors: torch.Tensor | None, sync_rate: torch.Tensor | None = None) -> None:
         if run.bucket.num_chunks:
+            apply = self.kernel_passes()[-1]
             slow = None if sync_rate is None else run.bucket.states["slow_param"]
-            self._launch(run, type(self).kernel_rule, factors=factors, store_state=self.apply_writes_state,
-                         slow=slow, sync_rate=sync_rate)
+            self._launch(run, apply.rule, factors=factors, store_param=apply.store_param,
+                         store_state=apply.store_state, slow=slow, sync_rate=sync_rate)
 
     # ----------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -597,6 +620,11 @@ def _cpu_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in _cpu.SUPPORTED_DTYPES:
         return f"the C++ kernels support {[str(d) for d in _cpu.SUPPORTED_DTYPES]} params, not {dtype}"
     return _cpu.unavailable_reason()
+
+
+#: Lookahead's standalone sync (``sync_now``, params without a gradient): the template's SYNC around a rule that
+#: keeps the param. It reads no optimizer state, so it is launched with none: one specialisation for every base.
+SYNC_PASS = KernelPass(("lookahead", "keep"), 0, 0, True, False, True)
 
 
 def _kernel_rule(spec: tuple[str, str]) -> Any:
