@@ -31,6 +31,7 @@ class _SlowWeights(FusedOptimizer):
     """Holds the slow weights of a wrapper whose base is not a fusedoptim optimizer; never steps itself."""
 
     kernel_rule = ("lookahead", "keep")
+    cpu_rule = "keep"  # csrc/lookahead.h: on CPU the sync is the C++ loop (keep_step with the slow weights)
     reference_update = staticmethod(_keep)
 
     def __init__(self, base_optimizer: Optimizer, backend: Backend) -> None:
