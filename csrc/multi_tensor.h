@@ -189,6 +189,12 @@ inline float update(const Rule& rule, float param, float grad, float* const* sta
   }
 }
 
+// Lookahead's interpolation slow + rate·(fast − slow) in torch.lerp's two forms: exact at rate 0 (slow) and at
+// rate 1 (fast: "sync_rate = 1 is the base", tested), where slow + 1·(fast − slow) is not.
+inline float lerp(float slow, float fast, float rate) {
+  return rate < 0.5f ? slow + rate * (fast - slow) : fast - (fast - slow) * (1.0f - rate);
+}
+
 // The last pass over one contiguous range of one tensor; `omp simd` vectorises it despite the pointers the
 // compiler cannot prove distinct. With sync (Lookahead), the fast weight as stored (rounded to the param
 // dtype, as a separate sync would read it) moves the slow weight, which then becomes the param: +8 B/param.
@@ -204,7 +210,7 @@ FUSEDOPTIM_LOOP_ATTRIBUTES void apply_range(const Rule rule, param_t* param, con
     if constexpr (sync) {
       param_t stored;
       from_float(stored, fast);
-      const float slow_param = slow[i] + sync_rate * (to_float(stored) - slow[i]);
+      const float slow_param = lerp(slow[i], to_float(stored), sync_rate);
       slow[i] = slow_param;
       from_float(param[i], slow_param);
     } else {
