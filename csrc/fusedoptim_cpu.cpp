@@ -10,65 +10,10 @@
 
 #include <optional>
 
-#include "adabelief.h"
-#include "adamp.h"
-#include "adan.h"
-#include "ademamix.h"
-#include "lamb.h"
-#include "lars.h"
-#include "lookahead.h"
 #include "multi_tensor.h"
-#include "ralars.h"
-#include "tadam.h"
+#include "rules.h"
 
 namespace fusedoptim {
-
-// Each optimizer: its flags -> the rule's template arguments, then the pass.
-void adabelief(const BucketArgs& a, Pass pass) {
-  dispatch_flags<2>(a.flags, [&](auto amsgrad, auto decoupled_weight_decay) {
-    run<adabelief_update<decltype(amsgrad)::value, decltype(decoupled_weight_decay)::value>>(a, pass);
-  });
-}
-
-void adan(const BucketArgs& a, Pass pass) {
-  dispatch_flags<2>(a.flags, [&](auto no_prox, auto amsgrad) {
-    run<adan_update<decltype(no_prox)::value, decltype(amsgrad)::value>>(a, pass);
-  });
-}
-
-void ademamix(const BucketArgs& a, Pass pass) {
-  dispatch_flags<0>(a.flags, [&]() { run<ademamix_update>(a, pass); });
-}
-
-void keep(const BucketArgs& a, Pass pass) {
-  dispatch_flags<0>(a.flags, [&]() { run<keep_update>(a, pass); });
-}
-
-void lars(const BucketArgs& a, Pass pass) {
-  dispatch_flags<2>(a.flags, [&](auto use_momentum, auto nesterov) {
-    run<lars_update<decltype(use_momentum)::value, decltype(nesterov)::value>>(a, pass);
-  });
-}
-
-void lamb(const BucketArgs& a, Pass pass) {
-  dispatch_flags<1>(a.flags, [&](auto bias_correction) { run<lamb_update<decltype(bias_correction)::value>>(a, pass); });
-}
-
-void ralars(const BucketArgs& a, Pass pass) {
-  dispatch_flags<1>(a.flags, [&](auto force) { run<ralars_update<decltype(force)::value>>(a, pass); });
-}
-
-void tadam(const BucketArgs& a, Pass pass) {
-  dispatch_flags<2>(a.flags, [&](auto amsgrad, auto l2) {
-    run<tadam_update<decltype(amsgrad)::value, decltype(l2)::value>>(a, pass);
-  });
-}
-
-void adamp(const BucketArgs& a, Pass pass) {
-  dispatch_flags<2>(a.flags, [&](auto nesterov, auto amsgrad) {
-    run<adamp_update<decltype(nesterov)::value, decltype(amsgrad)::value>>(a, pass);
-  });
-}
 
 using Optional = std::optional<at::Tensor>;
 

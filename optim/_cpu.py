@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 #: Param dtypes the C++ kernels take (math and state in fp32). fp64 params run the reference.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
-_SOURCES = ("fusedoptim_cpu.cpp",)
+# One translation unit per optimizer, compiled in parallel by ninja (csrc/rules.h), and the bindings.
+_SOURCES = ("fusedoptim_cpu.cpp", "adabelief.cpp", "adan.cpp", "ademamix.cpp", "lookahead.cpp", "lars.cpp", "lamb.cpp",
+            "ralars.cpp", "tadam.cpp", "adamp.cpp")
 _HEADERS = ("_math.h", "multi_tensor.h", "adabelief.h", "adan.h", "ademamix.h", "lars.h", "lamb.h", "ralars.h",
-            "tadam.h", "adamp.h", "lookahead.h")
+            "tadam.h", "adamp.h", "lookahead.h", "rules.h")
 # -O3 vectorises the elementwise loops (`omp simd`); -fopenmp is what makes at::parallel_for use more than
 # one thread in a header-only build. -fno-math-errno lets std::sqrt become one vector instruction: with errno
 # semantics GCC emits a scalar sqrtss plus a libm call per element and nothing vectorises (AdaBelief 82 ms vs
