@@ -7,7 +7,7 @@ weights, and ``state_dict`` holds the base's state plus the slow weights and cou
 The slow weights live in flat fp32 buffers laid out like optimizer state: in the base's own buckets when the
 base is a fusedoptim optimizer (so that Lookahead's sync runs inside the base's last pass: +8 B/param per
 sync instead of a separate pass's +16 B), else in a small internal FusedOptimizer whose sync is one launch
-per bucket (or the reference on CPU).
+per bucket (the C++ loop on CPU, the reference for fp64 or without a compiler).
 """
 
 from __future__ import annotations
