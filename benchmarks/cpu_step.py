@@ -6,7 +6,7 @@ the implementations take turns step by step, so machine noise (about ±30% here)
 ratios are what to read. GB/s = optimizer.bytes_per_param(group, dtype) x numel / median step time
 (torch fused AdamW: 28 B/param).
 
-    python benchmarks/cpu_step.py [--threads 2] [--rounds 15] [--reference-rounds 3]
+    python benchmarks/cpu_step.py [--threads 2] [--rounds 15] [--reference-rounds 3] [--optimizers LAMB,AdamP]
 """
 
 from __future__ import annotations
@@ -21,9 +21,18 @@ from collections.abc import Callable
 
 import torch
 
-from fusedoptim import AdaBelief, Adan, AdEMAMix, FusedOptimizer, _cpu
+from fusedoptim import LAMB, LARS, AdaBelief, AdamP, Adan, AdEMAMix, FusedOptimizer, RaLars, TAdam, _cpu
 
 ADAMW_BYTES_PER_PARAM = 28  # read+write param, exp_avg, exp_avg_sq; read grad (fp32)
+
+#: Every optimizer, with the settings timed: lr 1e-3 and weight decay 1e-2 (LARS with momentum 0.9, so that it
+#: keeps a state like the others). Bytes per param (fp32): AdaBelief 28, Adan 44, AdEMAMix 36, LARS 28, LAMB 40,
+#: RaLars 40, TAdam 44 (its pass A reads θ for the L2 decay), AdamP 40.
+OPTIMIZERS: dict[str, tuple[type[FusedOptimizer], dict]] = {
+    cls.__name__: (cls, dict(lr=1e-3, weight_decay=1e-2, **extra)) for cls, extra in (
+        (AdaBelief, {}), (Adan, {}), (AdEMAMix, {}), (LARS, dict(momentum=0.9)), (LAMB, {}), (RaLars, {}),
+        (TAdam, {}), (AdamP, {}))
+}
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -61,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15, help="timed steps of each fused implementation")
     parser.add_argument("--reference-rounds", type=int, default=3, help="timed steps of each reference path")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -89,11 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     adamw = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, fused=True)
     impls["torch AdamW(fused=True)"] = (adamw.step, ADAMW_BYTES_PER_PARAM)
     keep.append(params)
-    for cls in (AdaBelief, Adan, AdEMAMix):
+    names = [n for n in args.optimizers.split(",") if n]
+    for name in names:
+        cls, kwargs = OPTIMIZERS[name]
         for backend in ("cpu", "reference"):
             params = _params(shapes, 0)
-            opt: FusedOptimizer = cls(params, lr=1e-3, weight_decay=1e-2, backend=backend)
-            impls[f"{cls.__name__} {backend}"] = (opt.step, opt.bytes_per_param(opt.param_groups[0], torch.float32))
+            opt: FusedOptimizer = cls(params, **kwargs, backend=backend)
+            impls[f"{name} {backend}"] = (opt.step, opt.bytes_per_param(opt.param_groups[0], torch.float32))
             keep.append(params)
 
     times: dict[str, list[float]] = {name: [] for name in impls}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -104,7 +105,7 @@ class FusedOptimizer(Optimizer):
 
     state_names: ClassVar[tuple[str, ...]] = ()
     kernel_rule: ClassVar[tuple[str, str]]
-    cpu_rule: ClassVar[str | None] = None  # the C++ rule: `<cpu_rule>_step` of the extension built from csrc/
+    cpu_rule: ClassVar[str | None] = None  # the C++ rule in csrc/: `<cpu_rule>_step`, or `_prepare` and `_apply`
     reference_update: ClassVar[Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]]
     # Rules with per-tensor statistics (two passes): pass A's rules, how many sums it emits per tensor, the
     # finalize that turns the [T, num_sums] sums into [T, len(factor_names)] factors for pass B (whose rules
@@ -215,8 +216,7 @@ class FusedOptimizer(Optimizer):
         return "reference"
 
     def _cpu_unsupported(self) -> str | None:
-        """None when this optimizer has a C++ rule, else why not (the rules with per-tensor statistics have none
-        yet: they run the reference on CPU)."""
+        """None when this optimizer has a C++ rule (``cpu_rule``), else why not."""
         if getattr(type(self), "cpu_rule", None) is None:
             return f"{type(self).__name__} has no C++ kernel yet"
         return None
@@ -346,33 +346,40 @@ class FusedOptimizer(Optimizer):
             all_active = len(active) == len(bucket.params)
             bucket.steps.add_(1.0 if all_active else self._active_mask(bucket, active))
             run = _Run(bucket, active, grads, hyper, flags, group["maximize"])
-            fused = bucket.backend == "triton"
-            if fused:
-                self._build_tables(run)
-            factors = None
-            if self.num_sums:
-                sums = self._triton_prepare(run) if fused else self._reference_prepare(run)
-                cls = type(self)
-                factors, tensor_states = cls.finalize(sums, bucket.steps, bucket.segments,
-                                                      tuple(bucket.tensor_states.values()), *hyper, *flags)
-                for old, new in zip(bucket.tensor_states.values(), tensor_states, strict=True):
-                    old.copy_(new if all_active else torch.where(self._active_mask(bucket, active) > 0, new, old))
-                bucket.sums, bucket.factors = sums, factors
-            if fused:
-                self._triton_apply(run, factors, sync_rate)
-            elif bucket.backend == "cpu":
-                _cpu.step(bucket, active, run.grads, hyper, flags, run.maximize, type(self).cpu_rule)
-                if sync_rate is not None:
-                    self._sync_tensors(bucket, run.active, sync_rate)
+            if bucket.backend == "cpu":  # both passes, finalize between them, and the sync in the last pass
+                _cpu.step(bucket, active, run.grads, hyper, flags, run.maximize, type(self).cpu_rule,
+                          num_sums=self.num_sums, finalize=partial(self._finalize, run) if self.num_sums else None,
+                          sync_rate=sync_rate)
             else:
-                self._reference_apply(run, factors)
-                if sync_rate is not None:
-                    self._sync_tensors(bucket, run.active, sync_rate)
+                fused = bucket.backend == "triton"
+                if fused:
+                    self._build_tables(run)
+                factors = None
+                if self.num_sums:
+                    factors = self._finalize(run, self._triton_prepare(run) if fused else self._reference_prepare(run))
+                if fused:
+                    self._triton_apply(run, factors, sync_rate)
+                else:
+                    self._reference_apply(run, factors)
+                    if sync_rate is not None:
+                        self._sync_tensors(bucket, run.active, sync_rate)
             if sync_rate is not None and not all_active:  # params without a gradient are synced too
                 stepped_tensors = set(active)
                 inactive = tuple(i for i in range(len(bucket.params)) if i not in stepped_tensors)
                 self._sync_tensors(bucket, inactive, sync_rate)
         return loss
+
+    def _finalize(self, run: _Run, sums: torch.Tensor) -> torch.Tensor:
+        """Pass A's [segments, num_sums] sums -> pass B's factors, with the one shared ``finalize``; updates the
+        per-tensor states of the tensors that have a gradient and keeps sums and factors for ``last_factors``."""
+        bucket = run.bucket
+        factors, tensor_states = type(self).finalize(sums, bucket.steps, bucket.segments,
+                                                     tuple(bucket.tensor_states.values()), *run.hyper, *run.flags)
+        all_active = len(run.active) == len(bucket.params)
+        for old, new in zip(bucket.tensor_states.values(), tensor_states, strict=True):
+            old.copy_(new if all_active else torch.where(self._active_mask(bucket, run.active) > 0, new, old))
+        bucket.sums, bucket.factors = sums, factors
+        return factors
 
     # ----------------------------------------------------------------- Lookahead support
     def attach_slow_weights(self) -> None:
@@ -409,6 +416,9 @@ class FusedOptimizer(Optimizer):
             if bucket.num_chunks:
                 self._launch(run, SYNC_PASS.rule, states=(), store_state=SYNC_PASS.store_state,
                          slow=bucket.states["slow_param"], sync_rate=sync_rate)
+            return
+        if bucket.backend == "cpu":
+            _cpu.sync(bucket, indices, sync_rate)
             return
         for i in indices:
             p = bucket.params[i]

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,8 +26,11 @@ log = logging.getLogger(__name__)
 #: Param dtypes the C++ kernels take (math and state in fp32). fp64 params run the reference.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
-_SOURCES = ("fusedoptim_cpu.cpp",)
-_HEADERS = ("_math.h", "multi_tensor.h", "adabelief.h", "adan.h", "ademamix.h")
+# One translation unit per optimizer, compiled in parallel by ninja (csrc/rules.h), and the bindings.
+_SOURCES = ("fusedoptim_cpu.cpp", "adabelief.cpp", "adan.cpp", "ademamix.cpp", "lookahead.cpp", "lars.cpp", "lamb.cpp",
+            "ralars.cpp", "tadam.cpp", "adamp.cpp")
+_HEADERS = ("_math.h", "multi_tensor.h", "adabelief.h", "adan.h", "ademamix.h", "lars.h", "lamb.h", "ralars.h",
+            "tadam.h", "adamp.h", "lookahead.h", "rules.h")
 # -O3 vectorises the elementwise loops (`omp simd`); -fopenmp is what makes at::parallel_for use more than
 # one thread in a header-only build. -fno-math-errno lets std::sqrt become one vector instruction: with errno
 # semantics GCC emits a scalar sqrtss plus a libm call per element and nothing vectorises (AdaBelief 82 ms vs
@@ -125,26 +129,51 @@ def warn_fallback_once(reason: str) -> None:
 
 
 def step(bucket: Any, active: tuple[int, ...], grads: list[torch.Tensor | None], hyper: tuple[float, ...],
-         flags: tuple[bool, ...], maximize: bool, rule_name: str) -> None:
+         flags: tuple[bool, ...], maximize: bool, rule_name: str, *, num_sums: int = 0,
+         finalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+         sync_rate: torch.Tensor | None = None) -> None:
     """One fused step over the tensors of ``bucket`` that have a gradient (steps already advanced).
 
-    The kernel validates everything before it writes anything, so a failed step leaves params and states as
-    they were. Non-contiguous grads are read through a contiguous copy (grads are never written);
-    non-contiguous params are updated through a contiguous copy that is written back.
+    Elementwise rules: one call, ``<rule_name>_step``. Rules with per-tensor statistics (``num_sums`` > 0):
+    ``<rule_name>_prepare`` fills the fp32 [segments, num_sums] sums (tensors, then the rows of tensors with
+    rows: ``bucket.segments``), ``finalize(sums)`` returns the factors, and ``<rule_name>_apply`` applies them.
+    With ``sync_rate`` (fp32[1]) Lookahead's sync runs inside the last pass on ``bucket.states["slow_param"]``.
+
+    Each call validates everything before it writes anything (pass A also checks what pass B will use), so a
+    failed step leaves params and states as they were. Non-contiguous grads are read through a contiguous copy
+    (grads are never written); non-contiguous params are updated through a contiguous copy that is written back.
     """
+    ext = extension()
     params = [bucket.params[i] for i in active]
     staged = [p if p.is_contiguous() else p.contiguous() for p in params]
-    getattr(extension(), f"{rule_name}_step")(
-        staged,
-        [grads[i].contiguous() for i in active],
-        [bucket.states[name] for name in bucket.rule_state_names],
-        [bucket.offsets[i] for i in active],
-        bucket.steps,
-        list(active),
-        list(hyper),
-        list(flags),
-        maximize,
-    )
+    args = (staged, [grads[i].contiguous() for i in active], [bucket.states[name] for name in bucket.rule_state_names],
+            [bucket.offsets[i] for i in active], bucket.steps, list(active), list(hyper), list(flags), maximize)
+    sync = (None, None) if sync_rate is None else (bucket.states["slow_param"], sync_rate)
+    if finalize is None:
+        getattr(ext, f"{rule_name}_step")(*args, *sync)
+    else:
+        segments = bucket.segments
+        rows = [segments.row_lengths[i] or 0 for i in active]
+        first_row = [len(bucket.params) + segments.first_row[i] for i in active]
+        sums = torch.empty(segments.num_segments, num_sums, dtype=torch.float32)  # every entry is written
+        getattr(ext, f"{rule_name}_prepare")(*args, rows, first_row, sums, *sync)
+        factors = finalize(sums)
+        getattr(ext, f"{rule_name}_apply")(*args, rows, first_row, factors.contiguous(), *sync)
+    for p, s in zip(params, staged, strict=True):
+        if s is not p:
+            p.copy_(s)
+
+
+def sync(bucket: Any, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
+    """Lookahead's sync of the listed tensors of a bucket on its own: slow ← slow + rate·(θ − slow); θ ← slow,
+    with the fp32 slow weights in ``bucket.states["slow_param"]``. The same loop as a sync fused into a step's
+    last pass (``keep_step``: the params are passed as grads and never read), so the two agree bitwise."""
+    if not indices:
+        return
+    params = [bucket.params[i] for i in indices]
+    staged = [p if p.is_contiguous() else p.contiguous() for p in params]
+    extension().keep_step(staged, staged, [], [bucket.offsets[i] for i in indices], bucket.steps, list(indices), [],
+                          [], False, bucket.states["slow_param"], sync_rate)
     for p, s in zip(params, staged, strict=True):
         if s is not p:
             p.copy_(s)

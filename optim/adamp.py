@@ -103,7 +103,7 @@ class AdamP(FusedOptimizer):
         wd_ratio: weight decay ratio r for projected params (default: 0.1).
         nesterov: Nesterov momentum (default: False).
         maximize: maximize the objective instead of minimizing it (default: False).
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``, and ``max_exp_avg_sq`` with ``amsgrad``. Factors per tensor
     and per row: ``projection`` (the coefficient of θ removed from the update), ``decay``.
@@ -115,6 +115,7 @@ class AdamP(FusedOptimizer):
     factor_names = ("projection", "decay")
     prepare_writes_state, apply_writes_state = True, False
     kernel_prepare, kernel_rule = ("adamp", "adamp_prepare"), ("adamp", "adamp_apply")
+    cpu_rule = "adamp"  # csrc/adamp.h: adamp_prepare, adamp_apply
     reference_prepare, reference_update = staticmethod(adamp_prepare), staticmethod(adamp_apply)
     finalize = staticmethod(adamp_finalize)
 

@@ -76,7 +76,7 @@ class LAMB(FusedOptimizer):
         scale_clip: (c_lo, c_hi) clamp of the weight norm, None for (0, 10) (default: None).
         bias_correction: bias-correct the moments (default: True).
         maximize: maximize the objective instead of minimizing it (default: False).
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``. Factors: ``trust_ratio``.
     """
@@ -86,6 +86,7 @@ class LAMB(FusedOptimizer):
     factor_names = ("trust_ratio",)
     prepare_writes_state, apply_writes_state = True, False
     kernel_prepare, kernel_rule = ("lamb", "lamb_prepare"), ("lamb", "lamb_apply")
+    cpu_rule = "lamb"  # csrc/lamb.h: lamb_prepare, lamb_apply
     reference_prepare, reference_update = staticmethod(lamb_prepare), staticmethod(lamb_apply)
     finalize = staticmethod(lamb_finalize)
 

@@ -73,7 +73,7 @@ class LARS(FusedOptimizer):
         scale_clip: (c_lo, c_hi) clamp of the weight norm, None for (0, 10) (default: None).
         trust_coefficient: η (default: 1.0).
         maximize: maximize the objective instead of minimizing it (default: False).
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     State: ``step``, and ``momentum_buffer`` when momentum ≠ 0. Factors: ``trust_ratio``.
     """
@@ -82,6 +82,7 @@ class LARS(FusedOptimizer):
     factor_names = ("trust_ratio",)
     prepare_writes_state, apply_writes_state = False, True
     kernel_prepare, kernel_rule = ("lars", "lars_prepare"), ("lars", "lars_apply")
+    cpu_rule = "lars"  # csrc/lars.h: lars_prepare, lars_apply
     reference_prepare, reference_update = staticmethod(lars_prepare), staticmethod(lars_apply)
     finalize = staticmethod(lars_finalize)
 

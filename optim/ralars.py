@@ -103,7 +103,7 @@ class RaLars(FusedOptimizer):
         force_adaptive_momentum: use the adaptive step before ρ_t > 4 too (default: False).
         scale_clip: (c_lo, c_hi) clamp of the weight norm, None for (0, 10) (default: None).
         maximize: maximize the objective instead of minimizing it (default: False).
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``. Factors: ``rectification``, ``trust_ratio``.
     """
@@ -113,6 +113,7 @@ class RaLars(FusedOptimizer):
     factor_names = ("rectification", "trust_ratio")
     prepare_writes_state, apply_writes_state = True, False
     kernel_prepare, kernel_rule = ("ralars", "ralars_prepare"), ("ralars", "ralars_apply")
+    cpu_rule = "ralars"  # csrc/ralars.h: ralars_prepare, ralars_apply
     reference_prepare, reference_update = staticmethod(ralars_prepare), staticmethod(ralars_apply)
     finalize = staticmethod(ralars_finalize)
 

@@ -82,7 +82,7 @@ class TAdam(FusedOptimizer):
         amsgrad: use the maximum of past v in the denominator (default: False).
         dof: degrees of freedom ν, None for the tensor's element count (default: None).
         maximize: maximize the objective instead of minimizing it (default: False).
-        backend: ``"auto"`` (Triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``W_t`` (a 0-d tensor), and ``max_exp_avg_sq`` with
     ``amsgrad``. Factors: ``old_weight`` W/(W + w), ``new_weight`` w/(W + w).
@@ -94,6 +94,7 @@ class TAdam(FusedOptimizer):
     factor_names = ("old_weight", "new_weight")
     prepare_writes_state, apply_writes_state = False, True
     kernel_prepare, kernel_rule = ("tadam", "tadam_prepare"), ("tadam", "tadam_apply")
+    cpu_rule = "tadam"  # csrc/tadam.h: tadam_prepare, tadam_apply
     reference_prepare, reference_update = staticmethod(tadam_prepare), staticmethod(tadam_apply)
     finalize = staticmethod(tadam_finalize)
 

@@ -7,7 +7,7 @@ weights, and ``state_dict`` holds the base's state plus the slow weights and cou
 The slow weights live in flat fp32 buffers laid out like optimizer state: in the base's own buckets when the
 base is a fusedoptim optimizer (so that Lookahead's sync runs inside the base's last pass: +8 B/param per
 sync instead of a separate pass's +16 B), else in a small internal FusedOptimizer whose sync is one launch
-per bucket (or the reference on CPU).
+per bucket (the C++ loop on CPU, the reference for fp64 or without a compiler).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class _SlowWeights(FusedOptimizer):
     """Holds the slow weights of a wrapper whose base is not a fusedoptim optimizer; never steps itself."""
 
     kernel_rule = ("lookahead", "keep")
+    cpu_rule = "keep"  # csrc/lookahead.h: on CPU the sync is the C++ loop (keep_step with the slow weights)
     reference_update = staticmethod(_keep)
 
     def __init__(self, base_optimizer: Optimizer, backend: Backend) -> None:

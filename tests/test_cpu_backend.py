@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
-from cases import CASES
+from cases import CASES, FIRST_CASES
 from helpers import assert_param_close, assert_state_close
 
-from fusedoptim import LAMB, Adan, _cpu
+from fusedoptim import AdaBelief, Adan, _cpu
 
 
 @pytest.fixture
@@ -87,8 +87,14 @@ def test_cpu_backend_rejects_what_it_cannot_run():
         Adan([torch.zeros(3, dtype=torch.float64)], backend="cpu")
     with pytest.raises(RuntimeError, match="backend='cpu'.*CPU tensors.*not meta"):
         Adan([torch.empty(3, device="meta")], backend="cpu")
-    with pytest.raises(RuntimeError, match="LAMB\\(backend='cpu'\\).*no C\\+\\+ kernel"):
-        LAMB([torch.zeros(3)], backend="cpu")
+    with pytest.raises(RuntimeError, match="NoCppRule\\(backend='cpu'\\).*no C\\+\\+ kernel"):
+        NoCppRule([torch.zeros(3)], backend="cpu")
+
+
+class NoCppRule(AdaBelief):
+    """An optimizer without a C++ rule (all of fusedoptim's have one)."""
+
+    cpu_rule = None
 
 
 def _big_profile(dtype, gen):
@@ -101,7 +107,8 @@ def _big_profile(dtype, gen):
 # Thread splitting does not depend on the options: one case per optimizer, the one with the most state buffers
 # (all 20 case x dtype runs took 23 s on this 2-core machine; every case is in test_parity.py).
 _SCALE_CASES = [c for c in CASES if c.name in ("adabelief-decoupled-amsgrad", "adan-noprox-amsgrad",
-                                                 "ademamix-warmup-wd")]
+                                                 "ademamix-warmup-wd", "lars-momentum-wd", "lamb-wd-clip", "ralars",
+                                                 "tadam-wd-amsgrad", "adamp-amsgrad-maximize")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -128,11 +135,18 @@ def test_threads_split_tensors_and_match_reference_and_one_thread(case, dtype):
                 for p, g in zip(opt.param_groups[0]["params"], grads, strict=True):
                     p.grad = g.clone()
                 opt.step()
+            # rules with per-tensor statistics: pass A's sums (per tensor, and per row for AdamP) too
+            two, one = (_sums(opts[name]) for name in ("two_threads", "one_thread"))
+            assert (two is None) == (case.cls.num_sums == 0)
+            if two is not None:
+                assert torch.equal(two, one), "threads changed the sums"
             for i, (a, b, r) in enumerate(zip(params, copies["one_thread"], copies["reference"], strict=True)):
                 assert torch.equal(a, b), f"tensor {i}: threads changed the result"
-                for name, value in opts["two_threads"].state[a].items():
-                    assert torch.equal(value, opts["one_thread"].state[b][name]), f"tensor {i} {name}: threads"
-                assert_state_close(opts["two_threads"], a, opts["reference"], r, f"{case.name} tensor {i}")
+                for name, value in opts["two_threads"].state[a].items():  # bitwise; TAdam's W_t of the empty
+                    torch.testing.assert_close(value, opts["one_thread"].state[b][name], rtol=0, atol=0,  # tensor:
+                                               equal_nan=True, msg=f"tensor {i} {name}: threads")  # 0/0 (ν = d = 0)
+                if a.numel():  # an empty tensor has no state but TAdam's W_t, 0/0 (ν = d = 0) on both paths
+                    assert_state_close(opts["two_threads"], a, opts["reference"], r, f"{case.name} tensor {i}")
                 if dtype == torch.float32:
                     assert_param_close(a, r, f"{case.name} tensor {i}")
                 else:  # measure the next step on its own
@@ -141,6 +155,12 @@ def test_threads_split_tensors_and_match_reference_and_one_thread(case, dtype):
                         opts["reference"].state[r][name].copy_(value)
     finally:
         torch.set_num_threads(threads)
+
+
+def _sums(opt):
+    """The last step's sums of every bucket, concatenated (None for elementwise rules)."""
+    sums = [b.sums for group in opt.param_groups for b in opt._buckets(group) if b.sums is not None]
+    return torch.cat(sums) if sums else None
 
 
 def test_non_contiguous_param_is_updated_in_place():
@@ -201,3 +221,107 @@ def test_low_precision_params_round_like_torch(case, dtype):
         for name, value in opt_low.state[low].items():
             assert torch.equal(value, opt_high.state[high][name]), name
         high.copy_(low)  # the next step starts from the same (rounded) params
+
+
+def test_two_pass_kernels_validate_everything_before_writing():
+    """Pass A writes states (LAMB's moments), so it checks what pass B will use as well: a bad grad, rows that do
+    not tile a tensor, a sums/factors table of the wrong shape, a slow-weight buffer or sync rate that does not
+    fit. A failed call changes no param, state or table entry."""
+    ext = _cpu.extension()
+    params = [torch.randn(40), torch.randn(6, 7)]
+    grads = [torch.randn(40), torch.randn(6, 7)]
+    states = [torch.zeros(96) for _ in range(2)]
+    steps, index, offsets = torch.ones(2), [0, 1], [0, 48]
+    hyper = [1e-2, 0.9, 0.999, -0.105, -0.001, 1e-8, 0.1, 0.0, 10.0]  # LAMB: lr, betas, log betas, eps, wd, clip
+    sums = torch.full((2, 2), -1.0)
+    slow, rate = torch.zeros(96), torch.tensor([0.5])
+    before = [p.clone() for p in params]
+
+    def lamb(pass_, **change):
+        args = dict(params=params, grads=grads, states=states, offsets=offsets, steps=steps, index=index,
+                    hyper=hyper, flags=[True], maximize=False, row_lengths=[0, 0], first_row=[2, 2], table=sums)
+        getattr(ext, f"lamb_{pass_}")(**{**args, **change})
+
+    with pytest.raises(RuntimeError, match="grad has 8 elements, its param 42"):
+        lamb("prepare", grads=[grads[0], torch.randn(8)])
+    with pytest.raises(RuntimeError, match="table of 2 columns"):
+        lamb("prepare", table=torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="outside the sums/factors table"):
+        lamb("prepare", table=torch.zeros(1, 2))
+    with pytest.raises(RuntimeError, match="slow-weight segment lies outside"):
+        lamb("prepare", slow=torch.zeros(60), sync_rate=rate)
+    with pytest.raises(RuntimeError, match="rate as an fp32 CPU tensor"):
+        lamb("prepare", slow=slow, sync_rate=torch.tensor([0.5, 0.5]))
+    with pytest.raises(RuntimeError, match="rows of 5 elements do not tile"):
+        lamb("prepare", row_lengths=[0, 5])
+    with pytest.raises(RuntimeError, match="rows lie outside"):
+        lamb("prepare", row_lengths=[0, 7], first_row=[2, 2])  # 6 rows from row 2 of a 2-row table
+    with pytest.raises(RuntimeError, match="table of 1 columns"):
+        lamb("apply", table=torch.ones(2, 2))  # pass B takes the factors (1 for LAMB)
+    assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
+    assert all(not s.any() for s in states) and not slow.any() and (sums == -1).all()
+
+
+def _sync_params(seed=0):
+    # fp32 and bf16 buckets, a 2-D tensor (AdamP's rows), above the one-thread grain (2**15) in total
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(7, generator=gen), torch.randn(33, 31, generator=gen), torch.randn(40000, generator=gen),
+            torch.randn(4, generator=gen).bfloat16(), torch.randn(5, 9, generator=gen).bfloat16()]
+
+
+def _sync_run(case, backend, fused_sync, steps=7):
+    from fusedoptim import Lookahead
+
+    params = _sync_params()
+    opt = Lookahead(case.make(params, backend=backend), sync_rate=0.5, sync_period=3, fused_sync=fused_sync)
+    for step in range(1, steps + 1):
+        gen = torch.Generator().manual_seed(100 + step)
+        grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+        if step == 6:  # a sync step where one param of each bucket has no gradient: synced on its own
+            grads[0] = grads[3] = None
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=lambda c: c.name)
+def test_sync_in_the_last_pass_equals_the_separate_sync(case):
+    """Lookahead on a C++ base: the sync fused into the step's last pass and the C++ sync run after the step give
+    bitwise the same params and slow weights (fp32 and bf16), and both match the reference within the parity
+    tolerance (fp32 params; 7 steps, 2 syncs)."""
+    (fused, opt_f), (separate, opt_s), (ref, opt_r) = (_sync_run(case, "cpu", True), _sync_run(case, "cpu", False),
+                                                       _sync_run(case, "reference", True))
+    for i, (p, q, r) in enumerate(zip(fused, separate, ref, strict=True)):
+        assert torch.equal(p, q), f"tensor {i}: fused sync differs from the separate one"
+        assert torch.equal(opt_f.state[p]["slow_param"], opt_s.state[q]["slow_param"]), f"tensor {i} slow"
+        if p.dtype == torch.float32:
+            assert_param_close(p, r, f"{case.name} tensor {i}")
+            torch.testing.assert_close(opt_f.state[p]["slow_param"], opt_r.state[r]["slow_param"], rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_sync_of_a_torch_base_runs_the_cpp_sync():
+    """Lookahead and Scout around torch.optim.SGD keep the slow weights in a holder whose sync is the C++ loop on
+    CPU (a non-contiguous param included); it matches the reference sync."""
+    from fusedoptim import Lookahead, Scout
+
+    results = {}
+    for wrapper in (Lookahead, Scout):
+        for backend in ("auto", "reference"):
+            params = _sync_params() + [torch.randn(6, 8, generator=torch.Generator().manual_seed(1)).t()]
+            opt = wrapper(torch.optim.SGD(params, lr=0.1, momentum=0.9), sync_period=2, backend=backend)
+            for step in range(1, 6):
+                gen = torch.Generator().manual_seed(step)
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                opt.step()
+            results[wrapper, backend] = (params, opt)
+        (a, oa), (b, ob) = results[wrapper, "auto"], results[wrapper, "reference"]
+        assert set(_backends(oa._holder)) == {"cpu"} and set(_backends(ob._holder)) == {"reference"}
+        assert not a[-1].is_contiguous()
+        for p, q in zip(a, b, strict=True):
+            if p.dtype == torch.float32:  # the same torch SGD steps; only the sync differs
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"], rtol=1e-5,
+                                           atol=1e-6)

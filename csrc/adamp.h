@@ -1,0 +1,55 @@
+// AdamP rules (Heo et al., 2021, https://arxiv.org/abs/2006.08217; official clovaai/AdamP): kernels/adamp.py in
+// C++. Reference: fusedoptim/adamp.py. The constructor takes (step, *hyper) and computes the per-tensor scalars
+// once; prepare() is pass A (writes the moments, returns the terms of the per-tensor and per-row sums), apply()
+// pass B (takes the projection coefficient and the decay of the tensor, or of the row for params with ndim > 1).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+#include "_math.h"
+
+namespace fusedoptim {
+
+template <bool nesterov, bool amsgrad>
+struct adamp_update {
+  static constexpr int num_hyper = 9, num_sums = 4, num_factors = 2;
+  static constexpr int num_states = amsgrad ? 3 : 2;
+  float lr, beta1, beta2, eps, bias_correction1, bias_correction2;  // weight_decay, delta, wd_ratio: finalize's
+
+  adamp_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
+               float weight_decay, float delta, float wd_ratio)
+      : lr(lr), beta1(beta1), beta2(beta2), eps(eps), bias_correction1(bias_correction(log_beta1, step)),
+        bias_correction2(bias_correction(log_beta2, step)) {}
+
+  float adamp_perturb(float grad, float exp_avg, float second_moment) const {
+    const float denom = std::sqrt(second_moment) / std::sqrt(bias_correction2) + eps;
+    if (nesterov) return (beta1 * exp_avg + (1.0f - beta1) * grad) / denom;
+    return exp_avg / denom;
+  }
+
+  std::array<float, num_sums> prepare(float param, float grad, float* const* state, int64_t i) const {
+    const float exp_avg = beta1 * state[0][i] + (1.0f - beta1) * grad;
+    const float exp_avg_sq = beta2 * state[1][i] + (1.0f - beta2) * grad * grad;
+    float second_moment = exp_avg_sq;
+    if (amsgrad) {
+      second_moment = std::max(state[2][i], exp_avg_sq);
+      state[2][i] = second_moment;
+    }
+    state[0][i] = exp_avg, state[1][i] = exp_avg_sq;
+    const float perturb = adamp_perturb(grad, exp_avg, second_moment);
+    // per tensor and per row (channel): θ·g, ‖θ‖², ‖g‖² for the cosines, θ·perturb for the projection
+    return {param * grad, param * param, grad * grad, param * perturb};
+  }
+
+  float apply(float param, float grad, float* const* state, int64_t i, float projection, float decay) const {
+    const float second_moment = amsgrad ? state[2][i] : state[1][i];
+    float perturb = adamp_perturb(grad, state[0][i], second_moment);
+    perturb = perturb - projection * param;  // the radial part, 0 when the projection does not fire
+    return param * decay - lr / bias_correction1 * perturb;
+  }
+};
+
+}  // namespace fusedoptim

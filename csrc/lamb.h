@@ -1,0 +1,48 @@
+// LAMB rules (You et al., 2019, https://arxiv.org/abs/1904.00962, Alg. 2): kernels/lamb.py in C++.
+// Reference: fusedoptim/lamb.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
+// prepare() is pass A (writes the moments, returns the sum terms), apply() pass B (takes the trust ratio).
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+#include "_math.h"
+
+namespace fusedoptim {
+
+template <bool bias_correction>
+struct lamb_update {
+  static constexpr int num_hyper = 9, num_states = 2, num_sums = 2, num_factors = 1;
+  float lr, beta1, beta2, eps, weight_decay, correction1, correction2;  // `bias_correction` is LAMB's flag
+
+  lamb_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
+              float weight_decay, float scale_lo, float scale_hi)
+      : lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay),
+        correction1(fusedoptim::bias_correction(log_beta1, step)),
+        correction2(fusedoptim::bias_correction(log_beta2, step)) {}
+
+  float lamb_direction(float param, float exp_avg, float exp_avg_sq) const {
+    if (bias_correction) {
+      exp_avg = exp_avg / correction1;
+      exp_avg_sq = exp_avg_sq / correction2;
+    }
+    return exp_avg / (std::sqrt(exp_avg_sq) + eps) + weight_decay * param;
+  }
+
+  std::array<float, num_sums> prepare(float param, float grad, float* const* state, int64_t i) const {
+    const float exp_avg = beta1 * state[0][i] + (1.0f - beta1) * grad;
+    const float exp_avg_sq = beta2 * state[1][i] + (1.0f - beta2) * grad * grad;
+    state[0][i] = exp_avg, state[1][i] = exp_avg_sq;
+    const float update = lamb_direction(param, exp_avg, exp_avg_sq);
+    return {param * param, update * update};
+  }
+
+  float apply(float param, float grad, float* const* state, int64_t i, float trust_ratio) const {
+    // The update is recomputed from θ, m, v instead of stored by pass A: 40 B/param instead of 48.
+    const float update = lamb_direction(param, state[0][i], state[1][i]);
+    return param - lr * trust_ratio * update;
+  }
+};
+
+}  // namespace fusedoptim

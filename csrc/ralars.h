@@ -1,0 +1,49 @@
+// RaLars rules (holocron: RAdam moments, Liu et al., 2019, with a LAMB trust ratio): kernels/ralars.py in C++.
+// Reference: fusedoptim/ralars.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
+// prepare() is pass A (writes the moments, returns the sum terms), apply() pass B (takes r_t and the trust ratio).
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+#include "_math.h"
+
+namespace fusedoptim {
+
+template <bool force_adaptive_momentum>
+struct ralars_update {
+  static constexpr int num_hyper = 10, num_states = 2, num_sums = 3, num_factors = 2;
+  float step, lr, beta1, beta2, eps, weight_decay, rectify_from_step, bias_correction1, bias_correction2;
+
+  ralars_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
+                float weight_decay, float scale_lo, float scale_hi, float rectify_from_step)
+      : step(step), lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay),
+        rectify_from_step(rectify_from_step), bias_correction1(bias_correction(log_beta1, step)),
+        bias_correction2(bias_correction(log_beta2, step)) {}
+
+  // The update before rectification and decay: adaptive m̂/(√v̂ + ε) once ρ_t > 4 (or if forced), else m̂.
+  float ralars_direction(float exp_avg, float exp_avg_sq) const {
+    exp_avg = exp_avg / bias_correction1;
+    const float adaptive = exp_avg / (std::sqrt(exp_avg_sq / bias_correction2) + eps);
+    if (force_adaptive_momentum) return adaptive;
+    return step >= rectify_from_step ? adaptive : exp_avg;  // a float compare: a select in the vector loop
+  }
+
+  std::array<float, num_sums> prepare(float param, float grad, float* const* state, int64_t i) const {
+    const float exp_avg = beta1 * state[0][i] + (1.0f - beta1) * grad;
+    const float exp_avg_sq = beta2 * state[1][i] + (1.0f - beta2) * grad * grad;
+    state[0][i] = exp_avg, state[1][i] = exp_avg_sq;
+    const float direction = ralars_direction(exp_avg, exp_avg_sq);
+    // ‖r·a + λθ‖² = r²‖a‖² + 2rλ a·θ + λ²‖θ‖²: finalize applies the rectification r_t in fp64
+    return {param * param, direction * direction, direction * param};
+  }
+
+  float apply(float param, float grad, float* const* state, int64_t i, float rectification, float trust_ratio) const {
+    const float direction = ralars_direction(state[0][i], state[1][i]);
+    const float update = rectification * direction + weight_decay * param;
+    return param - lr * trust_ratio * update;
+  }
+};
+
+}  // namespace fusedoptim
