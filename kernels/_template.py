@@ -54,7 +54,10 @@ def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, facto
     if SYNC:  # Lookahead: slow ← slow + rate·(fast − slow); fast ← slow, on the fast weights just computed
         slow = tl.load(slow_ptr + state_offset, mask=mask)
         # the fast weight as stored (rounded to the param dtype), as a separate sync would read it
-        slow = slow + sync_rate * (param.to(PARAM_DTYPE).to(tl.float32) - slow)
+        fast = param.to(PARAM_DTYPE).to(tl.float32)
+        # torch.lerp's two forms (as the C++ and reference syncs): exact at rate 0 and at rate 1, where
+        # slow + 1·(fast − slow) is not ("sync_rate = 1 is the base")
+        slow = tl.where(sync_rate < 0.5, slow + sync_rate * (fast - slow), fast - (fast - slow) * (1.0 - sync_rate))
         tl.store(slow_ptr + state_offset, slow, mask=mask)
         param = slow
     if STORE_PARAM:
