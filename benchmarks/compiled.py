@@ -68,7 +68,9 @@ _MAXIMIZE = {"maximize": (False, True)}
 OPTIMIZERS = (
     Optimizer("adabelief", "AdaBelief", {}, {"amsgrad": (False, True), "decoupled_weight_decay": (False, True),
                                              **_MAXIMIZE}, 28, 22),
-    Optimizer("adan", "Adan", {}, {"no_prox": (False, True), "amsgrad": (False, True), **_MAXIMIZE}, 44, 34),
+    # Adan bf16: anchors §8's 34 B counts the previous-grad copy at the grad's 2 B; here every state is fp32
+    # (DESIGN §3), the previous grad too: 2 + 2 + 2 (θ, g, θ) + 4 fp32 states read and written = 38 B.
+    Optimizer("adan", "Adan", {}, {"no_prox": (False, True), "amsgrad": (False, True), **_MAXIMIZE}, 44, 38),
     Optimizer("ademamix", "AdEMAMix", {}, dict(_MAXIMIZE), 36, 30),
     # LARS's 28 B of DESIGN §5 is with momentum (the paper's setting): without, 20 B.
     Optimizer("lars", "LARS", {"momentum": 0.9}, {"momentum": (0.0, 0.9), "nesterov": (False, True), **_MAXIMIZE},
