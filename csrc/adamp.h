@@ -17,15 +17,15 @@ template <bool nesterov, bool amsgrad>
 struct adamp_update {
   static constexpr int num_hyper = 9, num_sums = 4, num_factors = 2;
   static constexpr int num_states = amsgrad ? 3 : 2;
-  float lr, beta1, beta2, eps, bias_correction1, bias_correction2;  // weight_decay, delta, wd_ratio: finalize's
+  float lr, beta1, beta2, eps, bias_correction1, inv_sqrt_correction2;  // weight_decay, delta, wd_ratio: finalize's
 
   adamp_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
                float weight_decay, float delta, float wd_ratio)
       : lr(lr), beta1(beta1), beta2(beta2), eps(eps), bias_correction1(bias_correction(log_beta1, step)),
-        bias_correction2(bias_correction(log_beta2, step)) {}
+        inv_sqrt_correction2(1.0f / std::sqrt(bias_correction(log_beta2, step))) {}
 
   float adamp_perturb(float grad, float exp_avg, float second_moment) const {
-    const float denom = std::sqrt(second_moment) / std::sqrt(bias_correction2) + eps;
+    const float denom = std::sqrt(second_moment) * inv_sqrt_correction2 + eps;  // 1 division, not 2
     if (nesterov) return (beta1 * exp_avg + (1.0f - beta1) * grad) / denom;
     return exp_avg / denom;
   }

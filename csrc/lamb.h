@@ -14,20 +14,22 @@ namespace fusedoptim {
 template <bool bias_correction>
 struct lamb_update {
   static constexpr int num_hyper = 9, num_states = 2, num_sums = 2, num_factors = 1;
-  float lr, beta1, beta2, eps, weight_decay, correction1, correction2;  // `bias_correction` is LAMB's flag
+  float lr, beta1, beta2, eps, weight_decay, inv_correction1, inv_sqrt_correction2;  // `bias_correction`: the flag
 
   lamb_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
               float weight_decay, float scale_lo, float scale_hi)
       : lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay),
-        correction1(fusedoptim::bias_correction(log_beta1, step)),
-        correction2(fusedoptim::bias_correction(log_beta2, step)) {}
+        inv_correction1(1.0f / fusedoptim::bias_correction(log_beta1, step)),
+        inv_sqrt_correction2(1.0f / std::sqrt(fusedoptim::bias_correction(log_beta2, step))) {}
 
   float lamb_direction(float param, float exp_avg, float exp_avg_sq) const {
+    // √(v/c2) as √v·(1/√c2), m/c1 as m·(1/c1): one division and one sqrt per element, not three and one
+    float denom = std::sqrt(exp_avg_sq);
     if (bias_correction) {
-      exp_avg = exp_avg / correction1;
-      exp_avg_sq = exp_avg_sq / correction2;
+      exp_avg = exp_avg * inv_correction1;
+      denom = denom * inv_sqrt_correction2;
     }
-    return exp_avg / (std::sqrt(exp_avg_sq) + eps) + weight_decay * param;
+    return exp_avg / (denom + eps) + weight_decay * param;
   }
 
   std::array<float, num_sums> prepare(float param, float grad, float* const* state, int64_t i) const {

@@ -220,17 +220,20 @@ FUSEDOPTIM_LOOP_ATTRIBUTES void apply_range(const Rule rule, param_t* param, con
 }
 
 // Pass A over one contiguous range (a chunk, see prepare): the rule writes its new state and returns its
-// num_sums terms, which are added up here in double. The rounding error of a double sum of n fp32 terms is about
-// n * 2^-53 of the sum of their magnitudes (< 1e-12 at a 4096-element chunk), so the sums are the exact sums
-// rounded once to fp32 but for rare near-ties, and agree with the reference's fp32 cascade sum (a few fp32 ulps)
-// to its own error. fp32 block sums (16 lanes of 64 sequential adds) measured 1.5-2.7 ms (5-9%) faster in pass A
-// of LARS, LAMB and AdamP on ResNet-50 (2 threads), with 64 fp32 ulps of worst-case error: not worth it.
-// Two loops per block of kTermBlock elements: the rule into an L1 buffer of terms, then one `omp simd` double
-// reduction per sum. In one `omp simd` loop GCC 12 turns the returned std::array into a per-lane array of
-// structs and gives up on the strided stores ("not suitable for scatter store"): every rule with 2+ sums ran
-// scalar (LAMB's pass A 83 ms per ResNet-50 step, 2 threads; 22.5 ms now). The rule loop is auto-vectorised
-// instead (no omp lowering, so the array becomes registers); `GCC ivdep` says param, grad and state do not overlap.
+// num_sums terms, which are added up here. Two loops per block of kTermBlock elements: the rule into an L1 buffer
+// of terms, then per sum a vectorised double reduction of fp32 pre-sums of kPreSum terms each. In one `omp simd`
+// loop GCC 12 turns the returned std::array into a per-lane array of structs and gives up on the strided stores
+// ("not suitable for scatter store"): every rule with 2+ sums ran scalar (LAMB's pass A 83 ms per ResNet-50 step,
+// 2 threads). The rule loop is auto-vectorised instead (no omp lowering, so the array becomes registers);
+// `GCC ivdep` says param, grad and state do not overlap.
+// Why pre-sums: a double reduction of every term is one dependent vaddpd chain per sum, and it held pass A back
+// (Zen 4, 1 thread, in cache, per 25.6 M elements: LARS 8.2 -> 5.7 ms, LAMB 19.0 -> 16.0, RaLars 15.5 -> 10.8,
+// AdamP 27.0 -> 20.2 with pre-sums of 8). An fp32 sum of 8 terms errs by at most 7 fp32 ulps of the sum of their
+// magnitudes, and the double sum of the pre-sums adds nothing measurable (n * 2^-53), so a chunk's sum is within
+// a few fp32 ulps of exact: tighter than the reference's own fp32 cascade sum. Chunks (and so the blocks and
+// pre-sums) never depend on the thread count: the sums stay bitwise the same for any number of threads.
 constexpr int64_t kTermBlock = 1024;  // 16 KB of terms at 4 sums
+constexpr int kPreSum = 8;
 
 template <typename Rule, typename param_t>
 FUSEDOPTIM_LOOP_ATTRIBUTES void prepare_range(const Rule rule, const param_t* param, const param_t* grad,
@@ -248,10 +251,17 @@ FUSEDOPTIM_LOOP_ATTRIBUTES void prepare_range(const Rule rule, const param_t* pa
       const auto t = rule.prepare(to_float(param[j]), grad_sign * to_float(grad[j]), states, j);
       for (int k = 0; k < K; ++k) terms[k][i] = t[k];
     }
+    const int64_t lanes = m / kPreSum;  // terms[k][r * lanes + j], r < kPreSum, go into pre-sum j
     for (int k = 0; k < K; ++k) {
+      const float* term = terms[k];
       double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < m; ++i) sum += terms[k][i];
+      for (int64_t j = 0; j < lanes; ++j) {
+        float pre = term[j];
+        for (int r = 1; r < kPreSum; ++r) pre += term[r * lanes + j];
+        sum += pre;
+      }
+      for (int64_t i = kPreSum * lanes; i < m; ++i) sum += term[i];
       sums[k] += sum;
     }
   }

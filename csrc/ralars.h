@@ -14,18 +14,19 @@ namespace fusedoptim {
 template <bool force_adaptive_momentum>
 struct ralars_update {
   static constexpr int num_hyper = 10, num_states = 2, num_sums = 3, num_factors = 2;
-  float step, lr, beta1, beta2, eps, weight_decay, rectify_from_step, bias_correction1, bias_correction2;
+  float step, lr, beta1, beta2, eps, weight_decay, rectify_from_step, inv_correction1, inv_sqrt_correction2;
 
   ralars_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
                 float weight_decay, float scale_lo, float scale_hi, float rectify_from_step)
       : step(step), lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay),
-        rectify_from_step(rectify_from_step), bias_correction1(bias_correction(log_beta1, step)),
-        bias_correction2(bias_correction(log_beta2, step)) {}
+        rectify_from_step(rectify_from_step), inv_correction1(1.0f / bias_correction(log_beta1, step)),
+        inv_sqrt_correction2(1.0f / std::sqrt(bias_correction(log_beta2, step))) {}
 
   // The update before rectification and decay: adaptive m̂/(√v̂ + ε) once ρ_t > 4 (or if forced), else m̂.
   float ralars_direction(float exp_avg, float exp_avg_sq) const {
-    exp_avg = exp_avg / bias_correction1;
-    const float adaptive = exp_avg / (std::sqrt(exp_avg_sq / bias_correction2) + eps);
+    // m/c1 as m·(1/c1), √(v/c2) as √v·(1/√c2): one division per element, not three
+    exp_avg = exp_avg * inv_correction1;
+    const float adaptive = exp_avg / (std::sqrt(exp_avg_sq) * inv_sqrt_correction2 + eps);
     if (force_adaptive_momentum) return adaptive;
     return step >= rectify_from_step ? adaptive : exp_avg;  // a float compare: a select in the vector loop
   }

@@ -11,7 +11,7 @@ from ._math import bias_correction
 
 @triton.jit
 def _adamp_perturb(grad, exp_avg, second_moment, step, beta1, log_beta2, eps, nesterov: tl.constexpr):
-    denom = tl.sqrt(second_moment) / tl.sqrt(bias_correction(log_beta2, step)) + eps
+    denom = tl.sqrt(second_moment) * (1.0 / tl.sqrt(bias_correction(log_beta2, step))) + eps  # 1 division, not 2
     if nesterov:
         return (beta1 * exp_avg + (1.0 - beta1) * grad) / denom
     return exp_avg / denom

@@ -9,10 +9,12 @@ from ._math import bias_correction as correction  # `bias_correction` is LAMB's 
 @triton.jit
 def _lamb_direction(param, exp_avg, exp_avg_sq, step, log_beta1, log_beta2, eps, weight_decay,
                     bias_correction: tl.constexpr):
+    # √(v/c2) as √v·(1/√c2), m/c1 as m·(1/c1): one division and one sqrt per element, not three and one
+    denom = tl.sqrt(exp_avg_sq)
     if bias_correction:
-        exp_avg = exp_avg / correction(log_beta1, step)
-        exp_avg_sq = exp_avg_sq / correction(log_beta2, step)
-    return exp_avg / (tl.sqrt(exp_avg_sq) + eps) + weight_decay * param
+        exp_avg = exp_avg * (1.0 / correction(log_beta1, step))
+        denom = denom * (1.0 / tl.sqrt(correction(log_beta2, step)))
+    return exp_avg / (denom + eps) + weight_decay * param
 
 
 @triton.jit

@@ -13,8 +13,9 @@ from ._math import bias_correction
 def _ralars_direction(exp_avg, exp_avg_sq, step, log_beta1, log_beta2, eps, rectify_from_step,
                       force_adaptive_momentum: tl.constexpr):
     """The update before rectification and decay: adaptive m̂/(√v̂ + ε) once ρ_t > 4 (or if forced), else m̂."""
-    exp_avg = exp_avg / bias_correction(log_beta1, step)
-    adaptive = exp_avg / (tl.sqrt(exp_avg_sq / bias_correction(log_beta2, step)) + eps)
+    # m/c1 as m·(1/c1), √(v/c2) as √v·(1/√c2): one division per element, not three
+    exp_avg = exp_avg * (1.0 / bias_correction(log_beta1, step))
+    adaptive = exp_avg / (tl.sqrt(exp_avg_sq) * (1.0 / tl.sqrt(bias_correction(log_beta2, step))) + eps)
     if force_adaptive_momentum:
         return adaptive
     return tl.where(step >= rectify_from_step, adaptive, exp_avg)

@@ -30,6 +30,6 @@ def tadam_apply(param, grad, state, step, old_weight, new_weight,
         max_exp_avg_sq = tl.maximum(state[2], exp_avg_sq)
         second_moment = max_exp_avg_sq
         new_state = new_state + (max_exp_avg_sq,)
-    denom = tl.sqrt(second_moment) / tl.sqrt(bias_correction(log_beta2, step)) + eps
+    denom = tl.sqrt(second_moment) * (1.0 / tl.sqrt(bias_correction(log_beta2, step))) + eps  # 1 division, not 2
     param = param - lr / bias_correction(log_beta1, step) * exp_avg / denom
     return param, new_state

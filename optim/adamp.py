@@ -13,7 +13,7 @@ from ._validation import check_betas, check_lr, check_non_negative
 
 
 def _adamp_perturb(grad, exp_avg, second_moment, step, beta1, log_beta2, eps, nesterov):
-    denom = torch.sqrt(second_moment) / torch.sqrt(bias_correction(log_beta2, step)) + eps
+    denom = torch.sqrt(second_moment) * (1.0 / torch.sqrt(bias_correction(log_beta2, step))) + eps  # 1 division, not 2
     if nesterov:
         return (beta1 * exp_avg + (1.0 - beta1) * grad) / denom
     return exp_avg / denom

@@ -14,10 +14,12 @@ from ._validation import check_betas, check_lr, check_non_negative, check_scale_
 
 
 def _lamb_direction(param, exp_avg, exp_avg_sq, step, log_beta1, log_beta2, eps, weight_decay, bias_correction):
+    # √(v/c2) as √v·(1/√c2), m/c1 as m·(1/c1): one division and one sqrt per element, not three and one
+    denom = torch.sqrt(exp_avg_sq)
     if bias_correction:
-        exp_avg = exp_avg / correction(log_beta1, step)
-        exp_avg_sq = exp_avg_sq / correction(log_beta2, step)
-    return exp_avg / (torch.sqrt(exp_avg_sq) + eps) + weight_decay * param
+        exp_avg = exp_avg * (1.0 / correction(log_beta1, step))
+        denom = denom * (1.0 / torch.sqrt(correction(log_beta2, step)))
+    return exp_avg / (denom + eps) + weight_decay * param
 
 
 def lamb_prepare(param, grad, state, step,

@@ -18,8 +18,9 @@ from ._validation import check_betas, check_lr, check_non_negative, check_scale_
 def _ralars_direction(exp_avg, exp_avg_sq, step, log_beta1, log_beta2, eps, rectify_from_step,
                       force_adaptive_momentum):
     """The update before rectification and decay: adaptive m̂/(√v̂ + ε) once ρ_t > 4 (or if forced), else m̂."""
-    exp_avg = exp_avg / bias_correction(log_beta1, step)
-    adaptive = exp_avg / (torch.sqrt(exp_avg_sq / bias_correction(log_beta2, step)) + eps)
+    # m/c1 as m·(1/c1), √(v/c2) as √v·(1/√c2): one division per element, not three
+    exp_avg = exp_avg * (1.0 / bias_correction(log_beta1, step))
+    adaptive = exp_avg / (torch.sqrt(exp_avg_sq) * (1.0 / torch.sqrt(bias_correction(log_beta2, step))) + eps)
     if force_adaptive_momentum:
         return adaptive
     return torch.where(step >= rectify_from_step, adaptive, exp_avg)

@@ -51,7 +51,7 @@ def tadam_apply(param, grad, state, step, old_weight, new_weight,
         max_exp_avg_sq = torch.maximum(state[2], exp_avg_sq)
         second_moment = max_exp_avg_sq
         new_state = new_state + (max_exp_avg_sq,)
-    denom = torch.sqrt(second_moment) / torch.sqrt(bias_correction(log_beta2, step)) + eps
+    denom = torch.sqrt(second_moment) * (1.0 / torch.sqrt(bias_correction(log_beta2, step))) + eps  # 1 division, not 2
     param = param - lr / bias_correction(log_beta1, step) * exp_avg / denom
     return param, new_state
 
