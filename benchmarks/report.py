@@ -5,7 +5,6 @@ CSV can be re-rendered: ``python -m benchmarks.report benchmarks/results/cpu.csv
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -97,8 +96,9 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
     groups = blocks(rows)
     copy = copy_row(rows)
     heights = [0.8 + 0.24 * len(impls) for impls in groups.values()]
+    # constrained layout leaves room for the suptitle (tight_layout drew it over the first panel's title)
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, 1.0 + sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
     for (profile, dtype), (ax_speed, ax_bw) in zip(groups, axes, strict=True):
         impls = groups[(profile, dtype)]
         labels = [f"{optimizer} · {impl}" for optimizer, impl in impls]
@@ -133,7 +133,6 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
     if first is not None:
         fig.suptitle(title or f"fusedoptim optimizer step · {first.device} · torch {first.torch} · "
                      f"commit {first.commit} · {first.date}", fontsize=11)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -141,10 +140,13 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Re-render the markdown and PNG of a CSV written by ``python -m benchmarks``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        sys.exit("usage: python -m benchmarks.report RESULTS.csv")
-    csv_path = Path(args[0])
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    parser.add_argument("csv", type=Path, help="a CSV written by python -m benchmarks")
+    csv_path = parser.parse_args(argv).csv
+    if not csv_path.is_file():
+        parser.error(f"no such file: {csv_path}")
     rows = read_csv(csv_path)
     print(markdown(rows))
     plot(rows, csv_path.with_suffix(".png"))
