@@ -220,52 +220,58 @@ FUSEDOPTIM_LOOP_ATTRIBUTES void apply_range(const Rule rule, param_t* param, con
 }
 
 // Pass A over one contiguous range (a chunk, see prepare): the rule writes its new state and returns its
-// num_sums terms, which are added up here. Two loops per block of kTermBlock elements: the rule into an L1 buffer
-// of terms, then per sum a vectorised double reduction of fp32 pre-sums of kPreSum terms each. In one `omp simd`
-// loop GCC 12 turns the returned std::array into a per-lane array of structs and gives up on the strided stores
-// ("not suitable for scatter store"): every rule with 2+ sums ran scalar (LAMB's pass A 83 ms per ResNet-50 step,
-// 2 threads). The rule loop is auto-vectorised instead (no omp lowering, so the array becomes registers);
-// `GCC ivdep` says param, grad and state do not overlap.
-// Why pre-sums: a double reduction of every term is one dependent vaddpd chain per sum, and it held pass A back
-// (Zen 4, 1 thread, in cache, per 25.6 M elements: LARS 8.2 -> 5.7 ms, LAMB 19.0 -> 16.0, RaLars 15.5 -> 10.8,
-// AdamP 27.0 -> 20.2 with pre-sums of 8). An fp32 sum of 8 terms errs by at most 7 fp32 ulps of the sum of their
-// magnitudes, and the double sum of the pre-sums adds nothing measurable (n * 2^-53), so a chunk's sum is within
-// a few fp32 ulps of exact: tighter than the reference's own fp32 cascade sum. Chunks (and so the blocks and
-// pre-sums) never depend on the thread count: the sums stay bitwise the same for any number of threads.
-constexpr int64_t kTermBlock = 1024;  // 16 KB of terms at 4 sums
-constexpr int kPreSum = 8;
+// num_sums terms, which are added up here, in one loop: kLanes consecutive elements at a time, each term into an
+// fp32 pre-sum lane (kPreSum terms per lane), every lane then into its own double, and the doubles pairwise at the
+// end. The loop is auto-vectorised (`GCC ivdep`: param, grad and state do not overlap; no omp lowering, so the
+// rule's std::array becomes registers: in one `omp simd` loop GCC 12 made it a per-lane array of structs and every
+// rule with 2+ sums ran scalar, LAMB's pass A 83 ms per ResNet-50 step). What was measured (ResNet-50, 2 threads,
+// Zen 4, ms of pass A per step): the rule into an L1 block of terms, then one `omp simd` double reduction per sum
+// (a dependent vaddpd chain per sum; the loads stop while it runs): LARS 8.2, LAMB 15.5, RaLars 17, AdamP 20;
+// fp32 pre-sums of 8 in that second loop: LAMB 14.7-16.9, AdamP 19-20.5; in the rule loop as here: LARS 7.6,
+// LAMB 14.3, RaLars 14.8, AdamP 15.4 (AdamP's short rows gained most once the lanes were added pairwise: one
+// chain of 64 double adds per chunk had cost it 5 ms). An fp32 pre-sum of 8 terms errs by at most 7 fp32 ulps of
+// the sum of their magnitudes and the double sums add nothing measurable (n * 2^-53), so a chunk's sum is within
+// a few fp32 ulps of exact: tighter than the reference's own fp32 sum. The order depends on the chunk alone
+// (chunks never depend on the thread count): the sums are bitwise the same for any number of threads.
+constexpr int64_t kLanes = 64;  // pre-sums: 4 AVX-512 vectors per sum
+constexpr int kPreSum = 8;     // fp32 terms per pre-sum before it goes into its double lane
 
 template <typename Rule, typename param_t>
 FUSEDOPTIM_LOOP_ATTRIBUTES void prepare_range(const Rule rule, const param_t* param, const param_t* grad,
                                                std::array<float*, Rule::num_states> state, int64_t n,
                                                float grad_sign, double* partial) {
   constexpr int K = Rule::num_sums;
-  float terms[K][kTermBlock];
-  double sums[K] = {};
+  float pre[K][kLanes];
+  double lanes[K][kLanes] = {};
   float* const* states = state.data();
-  for (int64_t block = 0; block < n; block += kTermBlock) {
-    const int64_t m = std::min(kTermBlock, n - block);
-#pragma GCC ivdep
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t j = block + i;
-      const auto t = rule.prepare(to_float(param[j]), grad_sign * to_float(grad[j]), states, j);
-      for (int k = 0; k < K; ++k) terms[k][i] = t[k];
-    }
-    const int64_t lanes = m / kPreSum;  // terms[k][r * lanes + j], r < kPreSum, go into pre-sum j
+  int64_t i = 0;
+  while (i + kLanes <= n) {
+    const int64_t rows = std::min<int64_t>(kPreSum, (n - i) / kLanes);
     for (int k = 0; k < K; ++k) {
-      const float* term = terms[k];
-      double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < lanes; ++j) {
-        float pre = term[j];
-        for (int r = 1; r < kPreSum; ++r) pre += term[r * lanes + j];
-        sum += pre;
+      for (int64_t j = 0; j < kLanes; ++j) pre[k][j] = 0.0f;
+    }
+    for (int64_t r = 0; r < rows; ++r, i += kLanes) {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const auto t = rule.prepare(to_float(param[i + j]), grad_sign * to_float(grad[i + j]), states, i + j);
+        for (int k = 0; k < K; ++k) pre[k][j] += t[k];
       }
-      for (int64_t i = kPreSum * lanes; i < m; ++i) sum += term[i];
-      sums[k] += sum;
+    }
+    for (int k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < kLanes; ++j) lanes[k][j] += pre[k][j];
     }
   }
-  for (int k = 0; k < K; ++k) partial[k] = sums[k];
+  double tail[K] = {};  // the last n % kLanes elements
+  for (; i < n; ++i) {
+    const auto t = rule.prepare(to_float(param[i]), grad_sign * to_float(grad[i]), states, i);
+    for (int k = 0; k < K; ++k) tail[k] += t[k];
+  }
+  for (int k = 0; k < K; ++k) {  // the lanes pairwise (vectorised; one dependent chain of 64 adds was not)
+    for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+      for (int64_t j = 0; j < width; ++j) lanes[k][j] += lanes[k][j + width];
+    }
+    partial[k] = lanes[k][0] + tail[k];
+  }
 }
 
 // Per tensor: the rule (its per-tensor scalars) and its state pointers.
