@@ -67,6 +67,7 @@ METRICS = {
     "gbps": "GB/s",           # bytes model / step time
     "bw_pct": "%",            # gbps / copy bandwidth measured in the same run
     "speedup": "x",           # torch fused AdamW's median step time / this step time
+    "gbps_ratio": "x",        # this GB/s / torch fused AdamW's GB/s (DESIGN §5's CPU goal: >= 0.9)
     "first_step_ms": "ms",    # the first step alone: state allocation, JIT compilation
     "host_ms": "ms",          # CUDA only: host time to issue one step
     "bytes": "B/param",       # the bytes model: bytes a minimal step moves per parameter element
@@ -242,13 +243,15 @@ class Result:
     bytes_per_step: float
     numel: int
     timing: Timing
+    anchor_bytes_per_step: float | None = None  # torch fused AdamW's bytes model on the same params
 
     def rows(self, env: Environment, copy_gbps: float) -> list[Row]:
         """The CSV rows of this result.
 
         Rates are decreasing functions of the step time, so they are computed from its quantiles: the
         p20 of GB/s is the rate at the p80 step time, and p50 GB/s x p50 ms is exactly the bytes model.
-        The speed-up divides the median of the anchor steps taken in turn with these steps.
+        The speed-up divides the median of the anchor steps taken in turn with these steps; the GB/s ratio is
+        the same ratio weighted by the two bytes models (ours over torch fused AdamW's).
         """
         t50, t20, t80 = quantiles(self.timing.step_ms)
         out = {"step_ms": (t50, t20, t80)}
@@ -262,6 +265,9 @@ class Result:
         anchor_ms = self.timing.step_ms if is_anchor else self.timing.anchor_ms
         if anchor_ms:
             out["speedup"] = rate(statistics.median(anchor_ms))
+            if self.anchor_bytes_per_step:  # the same AdamW steps, each side at its own bytes model
+                out["gbps_ratio"] = rate(statistics.median(anchor_ms) * self.bytes_per_step
+                                         / self.anchor_bytes_per_step)
         out["first_step_ms"] = (self.timing.first_ms,) * 3
         if self.timing.host_ms is not None:
             out["host_ms"] = quantiles(self.timing.host_ms)
@@ -351,8 +357,9 @@ def run(profiles: list[str], dtypes: list[str], algorithms: list[Algorithm], imp
                     raise
                 skips.append(Skip(impl.optimizer, impl.impl, profile, dtype, f"{type(exc).__name__}: {exc}"))
             else:
-                result = Result(impl.optimizer, impl.impl, profile, dtype, bytes_per_step(algo, params),
-                                numel(shapes), timing)
+                nbytes = bytes_per_step(algo, params)
+                result = Result(impl.optimizer, impl.impl, profile, dtype, nbytes, numel(shapes), timing,
+                                nbytes if is_anchor else anchor.bytes_per_step if anchor is not None else None)
                 results[profile, dtype, impl.optimizer, impl.impl] = result
                 if is_anchor:
                     anchor, anchor_step = result, opt.step

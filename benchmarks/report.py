@@ -56,14 +56,14 @@ def markdown(rows: Sequence[Row], skips: Sequence[Skip] = (), settings: str = ""
     for (profile, dtype), impls in blocks(rows).items():
         lines += [f"### {_profile_title(profile, dtype)}", "",
                   "| optimizer | impl | B/param | ms/step p50 | p20–p80 | GB/s | % copy BW | × torch fused AdamW "
-                  "| first step ms |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| × its GB/s | first step ms |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (optimizer, impl), m in impls.items():
             step = m["step_ms"]
-            speedup = f"{m['speedup'].p50:.2f}" if "speedup" in m else "–"
+            speedup, ratio = (f"{m[name].p50:.2f}" if name in m else "–" for name in ("speedup", "gbps_ratio"))
             lines.append(f"| {optimizer} | {impl} | {_fmt(m['bytes'].p50)} | {_fmt(step.p50)} | "
                          f"{_fmt(step.p20)}–{_fmt(step.p80)} | {_fmt(m['gbps'].p50)} | {m['bw_pct'].p50:.0f} | "
-                         f"{speedup} | {_fmt(m['first_step_ms'].p50)} |")
+                         f"{speedup} | {ratio} | {_fmt(m['first_step_ms'].p50)} |")
         lines.append("")
     if skips:
         lines += ["Not run here:", ""]

@@ -98,6 +98,10 @@ def test_cli_writes_csv_markdown_and_png(tmp_path, capsys):
     copy_gbps = float(table["copy", "torch", "gbps"]["p50"])
     assert copy_gbps > 0
     assert float(table["adamw", "torch-fused", "speedup"]["p50"]) == 1.0
+    assert float(table["adamw", "torch-fused", "gbps_ratio"]["p50"]) == 1.0
+    # the GB/s ratio is the speed-up weighted by the bytes models: Adan 44 B, AdamW 28 B (fp32)
+    assert float(table["adan", "fusedoptim-reference", "gbps_ratio"]["p50"]) == pytest.approx(
+        float(table["adan", "fusedoptim-reference", "speedup"]["p50"]) * 44 / 28, rel=2e-3)
     for impl in ["torch-forloop", "torch-foreach", "torch-fused", "fusedoptim-reference"]:
         optimizer = "adan" if impl.startswith("fusedoptim") else "adamw"
         ms, gbps, pct, nbytes = (float(table[optimizer, impl, metric]["p50"])
