@@ -56,10 +56,14 @@ def adamp_finalize(sums, steps, segments, tensor_states,
     channel = has_rows & (channel_max < delta / segments.fan_in.double().clamp(min=1).sqrt())
     layer = has_rows & ~channel & (cosine[:num_tensors] < delta / segments.numels.double().sqrt())
     decay = 1.0 - lr * weight_decay * torch.where(channel | layer, wd_ratio, 1.0)
-    row_projection = torch.where(channel[row_tensor], coefficient[num_tensors:],
-                                 torch.where(layer[row_tensor], coefficient[:num_tensors][row_tensor], 0.0))
+    # what each row needs of its tensor, in one gather (ResNet-50's 27,721 rows: four boolean-mask and advanced
+    # indexing gathers took 0.25 ms of a 1 ms finalize on CPU)
+    of_row = torch.stack([channel.double(), layer.double(), coefficient[:num_tensors], decay], 1).index_select(
+        0, row_tensor)
+    row_projection = torch.where(of_row[:, 0] > 0, coefficient[num_tensors:],
+                                 torch.where(of_row[:, 1] > 0, of_row[:, 2], 0.0))
     projection = torch.cat([torch.zeros(num_tensors, dtype=torch.float64, device=sums.device), row_projection])
-    return torch.stack([projection, torch.cat([decay, decay[row_tensor]])], 1).float(), ()
+    return torch.stack([projection, torch.cat([decay, of_row[:, 3]])], 1).float(), ()
 
 
 def adamp_apply(param, grad, state, step, projection, decay,
