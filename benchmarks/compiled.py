@@ -68,9 +68,8 @@ _MAXIMIZE = {"maximize": (False, True)}
 OPTIMIZERS = (
     Optimizer("adabelief", "AdaBelief", {}, {"amsgrad": (False, True), "decoupled_weight_decay": (False, True),
                                              **_MAXIMIZE}, 28, 22),
-    # Adan bf16: anchors §8's 34 B counts the previous-grad copy at the grad's 2 B; here every state is fp32
-    # (DESIGN §3), the previous grad too: 2 + 2 + 2 (θ, g, θ) + 4 fp32 states read and written = 38 B.
-    Optimizer("adan", "Adan", {}, {"no_prox": (False, True), "amsgrad": (False, True), **_MAXIMIZE}, 44, 38),
+    # Adan bf16: anchors §8's 34 B, the previous-grad copy at the grad's 2 B (Adan.param_dtype_states).
+    Optimizer("adan", "Adan", {}, {"no_prox": (False, True), "amsgrad": (False, True), **_MAXIMIZE}, 44, 34),
     Optimizer("ademamix", "AdEMAMix", {}, dict(_MAXIMIZE), 36, 30),
     # LARS's 28 B of DESIGN §5 is with momentum (the paper's setting): without, 20 B.
     Optimizer("lars", "LARS", {"momentum": 0.9}, {"momentum": (0.0, 0.9), "nesterov": (False, True), **_MAXIMIZE},
@@ -106,6 +105,7 @@ class Variant:
     maximize: bool
     arch: int
     bytes_model: float | None = None  # the optimizer's bytes model for this pass's whole step (checks)
+    state_types: tuple[str, ...] | None = None  # Triton's name of each state's dtype (None: all fp32)
 
     @property
     def label(self) -> str:
@@ -151,7 +151,7 @@ def _options_label(cls: type, options: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items() if defaults.get(k) != v) or "constructor defaults"
 
 
-def _passes(spec: Optimizer, options: dict[str, Any]) -> tuple[Any, list, tuple, int, float, float]:
+def _passes(spec: Optimizer, options: dict[str, Any]) -> tuple[Any, list, tuple, int, float, float, Any]:
     """Construct the optimizer (reference backend, a CPU tensor) and read what its Triton step would launch."""
     import torch
 
@@ -160,8 +160,14 @@ def _passes(spec: Optimizer, options: dict[str, Any]) -> tuple[Any, list, tuple,
     cls = getattr(fusedoptim, spec.cls)
     opt = cls([torch.zeros(16)], **options, backend="reference")
     group = opt.param_groups[0]
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+    def state_types(dtype: str) -> tuple[str, ...]:
+        return tuple(names[opt.state_dtype(name, torch_dtypes[dtype])] for name in opt._state_names(group))
+
     return (cls.kernel_passes(), opt._flags(group), len(opt._state_names(group)), len(opt._hyper(group)),
-            opt.bytes_per_param(group, torch.float32), opt.bytes_per_param(group, torch.bfloat16))
+            opt.bytes_per_param(group, torch.float32), opt.bytes_per_param(group, torch.bfloat16), state_types)
 
 
 def _option_grid(spec: Optimizer) -> Iterator[dict[str, Any]]:
@@ -183,7 +189,7 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
             continue
         for index, options in enumerate([dict(spec.defaults)] + list(_option_grid(spec))):
             try:
-                passes, flags, num_states, num_hyper, model32, model16 = _passes(spec, options)
+                passes, flags, num_states, num_hyper, model32, model16, state_types = _passes(spec, options)
             except ValueError:  # an invalid combination (LARS: nesterov needs momentum) is never launched
                 continue
             maximize = bool(options.get("maximize", False))
@@ -206,7 +212,7 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                 for sync in ((False, True) if p.last and default else (False,)):
                     out.append(Variant(spec.name, label, name, p.rule, tuple(flags), num_states, num_hyper,
                                        p.num_sums, p.num_factors, p.store_param, p.store_state, dtype, aligned,
-                                       sync, maximize, arch, model))
+                                       sync, maximize, arch, model, state_types(dtype)))
             for p in passes:
                 if p.num_sums and p.num_sums not in num_sums_seen:
                     num_sums_seen.add(p.num_sums)
@@ -257,7 +263,7 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
         kernel, signature = segment_sum_kernel, dict(_launch.SEGMENT_SUM_SIGNATURE)
         options = _launch.segment_sum_options(v.num_sums)
     else:
-        kernel, signature = multi_tensor_step_kernel, _launch.step_signature(v.num_states, v.num_hyper)
+        kernel, signature = multi_tensor_step_kernel, _launch.step_signature(v.num_states, v.num_hyper, v.state_types)
         rule = getattr(importlib.import_module(f"fusedoptim.kernels.{v.rule[0]}"), v.rule[1])
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[v.dtype]
         options = _launch.step_options(rule, v.flags, dtype, v.maximize, v.aligned, num_sums=v.num_sums,

@@ -8,7 +8,10 @@ namespace fusedoptim {
 
 void adan(const BucketArgs& a, Pass pass) {
   dispatch_flags<2>(a.flags, [&](auto no_prox, auto amsgrad) {
-    run<adan_update<decltype(no_prox)::value, decltype(amsgrad)::value>>(a, pass);
+    constexpr bool np = decltype(no_prox)::value, ams = decltype(amsgrad)::value;
+    // prev_grad is kept in the param dtype: one rule per dtype
+    if (a.params.empty()) return run<adan_update<np, ams, float>, float>(a, pass);  // checks only
+    dispatch_dtype(a, [&](auto p) { run<adan_update<np, ams, decltype(p)>, decltype(p)>(a, pass); });
   });
 }
 

@@ -42,8 +42,9 @@ struct BucketArgs {
 // costs more than the update of a few thousand elements.
 constexpr int64_t kGrain = 1 << 15;
 
-// Everything that can fail is checked here, before any param or state is written.
-inline void validate(const BucketArgs& a, int num_states, int num_hyper) {
+// Everything that can fail is checked here, before any param or state is written. States are fp32 but for the
+// ones in `param_dtype_states` (a bit per state), which are kept in the params' dtype (Adan's prev_grad).
+inline void validate(const BucketArgs& a, int num_states, int num_hyper, uint32_t param_dtype_states = 0) {
   const size_t n = a.params.size();
   TORCH_CHECK(a.grads.size() == n && a.offsets.size() == n && a.index.size() == n,
               "fusedoptim cpu: params, grads, offsets and index must have one entry per tensor");
@@ -53,9 +54,14 @@ inline void validate(const BucketArgs& a, int num_states, int num_hyper) {
               " hyperparameters, got ", a.hyper.size());
   TORCH_CHECK(a.steps.device().is_cpu() && a.steps.scalar_type() == at::kFloat && a.steps.is_contiguous(),
               "fusedoptim cpu: steps must be a contiguous fp32 CPU tensor");
-  for (const auto& s : a.states) {
-    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() && s.dim() == 1,
-                "fusedoptim cpu: state buffers must be flat contiguous fp32 CPU tensors, got ", s.scalar_type());
+  for (size_t j = 0; j < a.states.size(); ++j) {
+    const at::Tensor& s = a.states[j];
+    const bool param_dtype = (param_dtype_states >> j) & 1u;
+    const at::ScalarType expected = param_dtype && !a.params.empty() ? a.params[0].scalar_type() : at::kFloat;
+    TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.dim() == 1 &&
+                    (s.scalar_type() == expected || (param_dtype && a.params.empty())),
+                "fusedoptim cpu: state buffer ", j, " must be a flat contiguous ", expected, " CPU tensor, got ",
+                s.scalar_type());
   }
   for (size_t k = 0; k < n; ++k) {
     const at::Tensor& p = a.params[k];
@@ -164,6 +170,23 @@ inline void from_float(fp16_t& out, float v) {
 #else
 #define FUSEDOPTIM_LOOP_ATTRIBUTES
 #endif
+
+// The states a rule keeps in the param dtype (Rule::param_dtype_states, a bit per state; none by default). Such
+// a rule is a template on the param type and reads and writes those states through it (adan.h).
+template <typename Rule, typename = void>
+struct param_dtype_states_of : std::integral_constant<uint32_t, 0> {};
+template <typename Rule>
+struct param_dtype_states_of<Rule, std::void_t<decltype(Rule::param_dtype_states)>>
+    : std::integral_constant<uint32_t, Rule::param_dtype_states> {};
+
+// The state pointers moved on by n elements of each state's own dtype.
+template <typename Rule, typename param_t>
+inline void advance(std::array<float*, Rule::num_states>& state, int64_t n) {
+  for (int j = 0; j < Rule::num_states; ++j) {
+    const int64_t size = ((param_dtype_states_of<Rule>::value >> j) & 1u) ? sizeof(param_t) : sizeof(float);
+    state[j] = reinterpret_cast<float*>(reinterpret_cast<char*>(state[j]) + n * size);
+  }
+}
 
 // A rule with per-tensor statistics has num_sums (pass A's terms) and num_factors (pass B's inputs); an
 // elementwise rule has neither and one operator().
@@ -291,7 +314,10 @@ Prepared<Rule> prepare_tensors(const BucketArgs& a) {
   for (size_t k = 0; k < n; ++k) {
     out.start[k + 1] = out.start[k] + a.params[k].numel();
     out.rules.push_back(make_rule<Rule>(steps[a.index[k]], a.hyper, std::make_index_sequence<Rule::num_hyper>{}));
-    for (int j = 0; j < Rule::num_states; ++j) out.states[k][j] = a.states[j].data_ptr<float>() + a.offsets[k];
+    for (int j = 0; j < Rule::num_states; ++j) {  // fp32, or a param-dtype state (param_dtype_states_of)
+      out.states[k][j] = reinterpret_cast<float*>(static_cast<char*>(a.states[j].data_ptr()) +
+                                                  a.offsets[k] * a.states[j].element_size());
+    }
   }
   return out;
 }
@@ -325,7 +351,7 @@ void apply(const BucketArgs& a) {
           for (int f = 0; f < F; ++f) factors[f] = table[segment * F + f];
         }
         std::array<float*, Rule::num_states> state = t.states[k];
-        for (auto& s : state) s += piece;
+        advance<Rule, param_t>(state, piece);
         apply_range<Rule, param_t, sync>(
             t.rules[k], static_cast<param_t*>(a.params[k].data_ptr()) + piece,
             static_cast<const param_t*>(a.grads[k].const_data_ptr()) + piece, state, piece_end - piece, grad_sign,
@@ -377,7 +403,7 @@ void prepare(const BucketArgs& a) {
     for (; c < chunks.size() && chunks[c].begin < end; ++c) {
       const Chunk& chunk = chunks[c];
       std::array<float*, Rule::num_states> state = t.states[chunk.k];
-      for (auto& s : state) s += chunk.lo;
+      advance<Rule, param_t>(state, chunk.lo);
       prepare_range(t.rules[chunk.k], static_cast<const param_t*>(a.params[chunk.k].const_data_ptr()) + chunk.lo,
                     static_cast<const param_t*>(a.grads[chunk.k].const_data_ptr()) + chunk.lo, state,
                     chunk.hi - chunk.lo, grad_sign, partials.data() + c * K);
@@ -423,9 +449,18 @@ void dispatch_dtype(const BucketArgs& a, const F& f) {
 // The passes, as the bindings call them: each validates everything first (a failed call writes nothing).
 enum class Pass { step, prepare, apply };
 
-template <typename Rule>
+// param_t: a rule that is a template on the param type (param_dtype_states_of) runs for that dtype only; its
+// translation unit dispatches on the dtype itself (adan.cpp).
+template <typename Rule, typename param_t = void>
 void run(const BucketArgs& a, Pass pass) {
-  validate(a, Rule::num_states, Rule::num_hyper);
+  validate(a, Rule::num_states, Rule::num_hyper, param_dtype_states_of<Rule>::value);
+  const auto dispatch = [&](const auto& f) {
+    if constexpr (std::is_void_v<param_t>) {
+      dispatch_dtype(a, f);
+    } else {
+      f(param_t{});
+    }
+  };
   if constexpr (two_pass<Rule>::value) {
     TORCH_CHECK(pass != Pass::step, "fusedoptim cpu: a rule with per-tensor statistics runs as prepare, then apply");
     validate_two_pass(a, pass == Pass::prepare ? Rule::num_sums : Rule::num_factors);
@@ -438,12 +473,12 @@ void run(const BucketArgs& a, Pass pass) {
       return;
     }
     if constexpr (two_pass<Rule>::value) {
-      dispatch_dtype(a, [&](auto p) { prepare<Rule, decltype(p)>(a); });
+      dispatch([&](auto p) { prepare<Rule, decltype(p)>(a); });
     }
     return;
   }
   if (a.params.empty()) return;
-  dispatch_dtype(a, [&](auto p) {
+  dispatch([&](auto p) {
     if (a.slow.defined()) {
       apply<Rule, decltype(p), true>(a);
     } else {

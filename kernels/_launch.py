@@ -111,14 +111,17 @@ def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtyp
                 STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=sync, **STEP_COMPILE_OPTIONS)
 
 
-def step_signature(num_states: int, num_hyper: int) -> dict[str, str | tuple[str, ...]]:
+def step_signature(num_states: int, num_hyper: int,
+                   state_types: tuple[str, ...] | None = None) -> dict[str, str | tuple[str, ...]]:
     """Triton's types of the runtime arguments of ``multi_tensor_step_kernel`` as ``launch_step`` passes them:
     the tables are int64, steps / partials / factors / slow / sync rate fp32 (``steps`` stands in for the
-    unused ones), states fp32 pointers, hyperparameters fp32 scalars."""
+    unused ones), states pointers of ``state_types`` (default all fp32, e.g. ``("fp32", "bf16")``),
+    hyperparameters fp32 scalars."""
+    state_types = ("fp32",) * num_states if state_types is None else state_types
     signature: dict[str, str | tuple[str, ...]] = {name: "*i64" for name in (
         "param_ptrs", "grad_ptrs", "state_offsets", "chunk_tensor", "chunk_start", "chunk_end", "chunk_segment")}
     signature.update(steps="*fp32", partials="*fp32", factors="*fp32", slow="*fp32", sync_rate_ptr="*fp32",
-                     state_ptrs=("*fp32",) * num_states, hyper=("fp32",) * num_hyper)
+                     state_ptrs=tuple(f"*{t}" for t in state_types), hyper=("fp32",) * num_hyper)
     return signature
 
 

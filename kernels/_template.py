@@ -41,7 +41,8 @@ def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, facto
         grad = -grad
     state = ()
     for i in tl.static_range(len(state_ptrs)):
-        state = state + (tl.load(state_ptrs[i] + state_offset, mask=mask),)
+        # fp32, or a state kept in the param dtype (Adan's prev_grad): math in fp32, the store casts back
+        state = state + (tl.load(state_ptrs[i] + state_offset, mask=mask).to(tl.float32),)
     if NUM_SUMS > 0:
         state, terms = RULE(param, grad, state, step, *hyper, *FLAGS)
         for k in tl.static_range(NUM_SUMS):
@@ -77,7 +78,7 @@ def multi_tensor_step_kernel(
     chunk_start,     # int64[C]: first element of chunk c inside its tensor
     chunk_end,       # int64[C]: one past its last element (at most chunk_start + BLOCK)
     chunk_segment,   # int64[C]: the row of `factors` that chunk c reads in pass B
-    state_ptrs,      # tuple of flat fp32 state buffers, one per state name
+    state_ptrs,      # tuple of flat state buffers, one per state name (fp32; param_dtype_states: PARAM_DTYPE)
     hyper,           # tuple of runtime scalars, in the rule's argument order (never constexpr: no recompiles)
     partials,        # fp32[C, NUM_SUMS]: pass A's per-chunk sums (unused when NUM_SUMS == 0)
     factors,         # fp32[S, NUM_FACTORS]: pass B's per-segment factors from finalize (unused when 0)

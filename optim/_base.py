@@ -120,6 +120,9 @@ class FusedOptimizer(Optimizer):
     apply_writes_state: ClassVar[bool] = True
     #: Rules that need per-row (channel) statistics of params with ndim > 1 as well (AdamP).
     row_statistics: ClassVar[bool] = False
+    #: States kept in the param dtype instead of fp32: copies of the gradient (Adan's ``prev_grad``), which the
+    #: param dtype holds exactly (2 B/param less to store, and to read and write every step, for 16-bit params).
+    param_dtype_states: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
         if backend not in BACKENDS:
@@ -152,15 +155,21 @@ class FusedOptimizer(Optimizer):
         """Structural options of the rule (``tl.constexpr`` in the kernel)."""
         return ()
 
+    def state_dtype(self, name: str, param_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of state ``name`` for params of ``param_dtype``: fp32 (fp64 for fp64 params), or the param
+        dtype for the ``param_dtype_states``."""
+        return param_dtype if name in self.param_dtype_states else torch.promote_types(param_dtype, torch.float32)
+
     def bytes_per_param(self, group: dict[str, Any], param_dtype: torch.dtype) -> int:
         """Bytes a minimal fused step moves per parameter element of ``group`` (the benchmarks' bytes model):
-        read and write the param, read the grad, read and write every state (fp32, or fp64 for fp64 params).
+        read and write the param, read the grad, read and write every state (fp32, or fp64 for fp64 params;
+        the ``param_dtype_states`` in the param dtype).
 
         E.g. AdaBelief on fp32 params: 3 x 4 + 2 states x 2 x 4 = 28 B, torch's fused AdamW figure.
         """
         param_bytes = torch.empty(0, dtype=param_dtype).element_size()
-        state_bytes = torch.empty(0, dtype=torch.promote_types(param_dtype, torch.float32)).element_size()
-        return 3 * param_bytes + 2 * state_bytes * len(self._state_names(group))
+        return 3 * param_bytes + sum(2 * torch.empty(0, dtype=self.state_dtype(name, param_dtype)).element_size()
+                                     for name in self._state_names(group))
 
     # ----------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -264,10 +273,9 @@ class FusedOptimizer(Optimizer):
             plans.append((dtype, device, backend, members))
         buckets = []
         for dtype, device, backend, members in plans:
-            state_dtype = torch.promote_types(dtype, torch.float32)
             numels = [p.numel() for p in members]
             offsets, total = padded_offsets(numels)
-            states = {name: torch.zeros(total, dtype=state_dtype, device=device) for name in names}
+            states = {name: torch.zeros(total, dtype=self.state_dtype(name, dtype), device=device) for name in names}
             steps = torch.zeros(len(members), dtype=torch.float32, device=device)
             bucket = Bucket(members, dtype, device, backend, names, rule_names, numels, offsets, states, steps,
                             [p.data_ptr() for p in members])

@@ -74,11 +74,13 @@ class Adan(FusedOptimizer):
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
 
-    State: ``step``, ``exp_avg`` (m), ``exp_avg_diff`` (v), ``exp_avg_sq`` (n), ``prev_grad``, and
-    ``max_exp_avg_sq`` with ``amsgrad``.
+    State: ``step``, ``exp_avg`` (m), ``exp_avg_diff`` (v), ``exp_avg_sq`` (n), ``prev_grad`` (in the param dtype:
+    a copy of the gradient, which that dtype holds exactly), and ``max_exp_avg_sq`` with ``amsgrad``.
     """
 
     state_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
+    # the previous gradient is a copy of a gradient: its own dtype holds it exactly (bf16 params: 34 B/param, not 38)
+    param_dtype_states = ("prev_grad",)
     kernel_rule = ("adan", "adan_update")
     cpu_rule = "adan"
     reference_update = staticmethod(adan_update)

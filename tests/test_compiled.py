@@ -2,12 +2,15 @@
 sm_80 / sm_90 / sm_100 by ``python -m benchmarks.compiled`` in its own process (this test process runs the
 Triton interpreter, whose kernels cannot be compiled), and the PTX / SASS figures it reads back.
 
-The tests share one compile of all variants (about 540, 4-7 minutes of CPU on 2 cores) and run on one xdist
-worker (``xdist_group``; the suite runs with ``--dist loadgroup``).
+The tests share one compile of all variants (538; 1.5-2 minutes on 2 cores with a cold Triton cache): the first
+xdist worker to need it compiles under a file lock, the others read its JSON (with ``xdist_group`` and
+``--dist loadgroup`` the tests still landed on both workers here, pytest 9.2 and pytest-xdist 3.8, and each
+compiled everything).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -18,18 +21,25 @@ import pytest
 
 from benchmarks import compiled
 
-pytestmark = pytest.mark.xdist_group("compiled")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")  # not "module": an xdist worker that runs another module's test in between would
-def report(tmp_path_factory) -> dict:  # tear a module fixture down and compile everything again
-    out = tmp_path_factory.mktemp("compiled") / "variants.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.compiled", "--quiet", "--json", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1800)
-    assert out.exists(), f"the compile run wrote nothing (exit {done.returncode}):\n{done.stderr[-3000:]}"
+@pytest.fixture(scope="session")
+def report(tmp_path_factory) -> dict:
+    # the run's base directory: shared by its xdist workers (each has a subdirectory), new for every run
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out = root / "compiled-variants.json"
+    with open(root / "compiled-variants.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker compiles; the others wait for its file
+        if not out.exists():
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            partial = out.with_suffix(".partial")
+            done = subprocess.run([sys.executable, "-m", "benchmarks.compiled", "--quiet", "--json", str(partial)],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+            assert partial.exists(), f"the compile run wrote nothing (exit {done.returncode}):\n{done.stderr[-3000:]}"
+            partial.rename(out)
     return json.loads(out.read_text())
 
 
@@ -112,10 +122,11 @@ def test_bytes_per_param_are_the_minimum(report):
 
 
 def test_occupancy_of_the_streaming_kernels(report):
-    """At least 50% theoretical occupancy on sm_90 for every aligned kernel with fp32 params, and with 16-bit
-    params for the default options without a sync. The 16-bit variants that stream 6-7 arrays at 8 elements per
-    thread (the price of 128-bit param loads) may take up to 84 registers (31%): they must still keep 4x the
-    bytes in flight that Little's law asks of an H100 SM (modelled: 3.35 TB/s × 1 µs / 132 SMs)."""
+    """At least 50% theoretical occupancy on sm_90 for every aligned kernel with fp32 params. 16-bit params take 8
+    elements per thread (the price of 128-bit param loads), and the variants that stream 5-7 arrays (Adan, a fused
+    sync, AdamP with amsgrad) take 68-85 registers (31-44%; capped at 64 they spill): they must still keep 4x the
+    bytes in flight that Little's law asks of an H100 SM (modelled: 3.35 TB/s × 1 µs / 132 SMs). Adan's bf16
+    kernel went from 64 to 75 registers when its previous-gradient copy moved to bf16 (38 -> 34 B/param)."""
     low = []
     for r in _streaming(report):
         v = r["variant"]
@@ -124,7 +135,7 @@ def test_occupancy_of_the_streaming_kernels(report):
         result = compiled.Result(None, occupancy=r["occupancy"], load_bytes=r["load_bytes"], block=r["block"],
                                  threads=r["threads"])
         in_flight = compiled.in_flight_bytes(result) / compiled.NEEDED_IN_FLIGHT
-        if v["dtype"] == "fp32" or (v["options"] == "default" and not v["sync"]) or in_flight < 4:
+        if v["dtype"] == "fp32" or in_flight < 4:
             low.append(f"{_name(r)}: {r['regs']} registers, {r['occupancy']:.0%}, {in_flight:.1f}x in flight")
     assert not low, "\n".join(low)
 
