@@ -562,7 +562,8 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict (ours or torch's per-parameter format) into the flat fp32 buffers.
 
-        Unlike ``torch.optim.Optimizer``, floating-point state is never cast to a low-precision param dtype.
+        Unlike ``torch.optim.Optimizer``, floating-point state is never cast to a low-precision param dtype, but
+        for the ``param_dtype_states`` (copies of the gradient, e.g. Adan's ``prev_grad``), which live in it.
         """
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
