@@ -151,6 +151,13 @@ def _options_label(cls: type, options: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items() if defaults.get(k) != v) or "constructor defaults"
 
 
+def _torch_dtype(name: str) -> Any:
+    """The torch dtype of one of ``DTYPES`` (torch is imported lazily: the compile workers are spawned)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def _passes(spec: Optimizer, options: dict[str, Any]) -> tuple[Any, list, tuple, int, float, float, Any]:
     """Construct the optimizer (reference backend, a CPU tensor) and read what its Triton step would launch."""
     import torch
@@ -160,11 +167,10 @@ def _passes(spec: Optimizer, options: dict[str, Any]) -> tuple[Any, list, tuple,
     cls = getattr(fusedoptim, spec.cls)
     opt = cls([torch.zeros(16)], **options, backend="reference")
     group = opt.param_groups[0]
-    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    names = {_torch_dtype(name): name for name in DTYPES}  # Triton's names of the dtypes are the same
 
     def state_types(dtype: str) -> tuple[str, ...]:
-        return tuple(names[opt.state_dtype(name, torch_dtypes[dtype])] for name in opt._state_names(group))
+        return tuple(names[opt.state_dtype(name, _torch_dtype(dtype))] for name in opt._state_names(group))
 
     return (cls.kernel_passes(), opt._flags(group), len(opt._state_names(group)), len(opt._hyper(group)),
             opt.bytes_per_param(group, torch.float32), opt.bytes_per_param(group, torch.bfloat16), state_types)
@@ -249,7 +255,6 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
     16-byte divisibility the JIT gives every pointer argument (fresh torch allocations are 64-byte aligned)."""
     import importlib
 
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -265,7 +270,7 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
     else:
         kernel, signature = multi_tensor_step_kernel, _launch.step_signature(v.num_states, v.num_hyper, v.state_types)
         rule = getattr(importlib.import_module(f"fusedoptim.kernels.{v.rule[0]}"), v.rule[1])
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[v.dtype]
+        dtype = _torch_dtype(v.dtype)
         options = _launch.step_options(rule, v.flags, dtype, v.maximize, v.aligned, num_sums=v.num_sums,
                                        num_factors=v.num_factors, store_param=v.store_param,
                                        store_state=v.store_state, sync=v.sync)
