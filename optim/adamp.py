@@ -56,14 +56,18 @@ def adamp_finalize(sums, steps, segments, tensor_states,
     channel = has_rows & (channel_max < delta / segments.fan_in.double().clamp(min=1).sqrt())
     layer = has_rows & ~channel & (cosine[:num_tensors] < delta / segments.numels.double().sqrt())
     decay = 1.0 - lr * weight_decay * torch.where(channel | layer, wd_ratio, 1.0)
-    # what each row needs of its tensor, in one gather (ResNet-50's 27,721 rows: four boolean-mask and advanced
-    # indexing gathers took 0.25 ms of a 1 ms finalize on CPU)
-    of_row = torch.stack([channel.double(), layer.double(), coefficient[:num_tensors], decay], 1).index_select(
-        0, row_tensor)
-    row_projection = torch.where(of_row[:, 0] > 0, coefficient[num_tensors:],
-                                 torch.where(of_row[:, 1] > 0, of_row[:, 2], 0.0))
-    projection = torch.cat([torch.zeros(num_tensors, dtype=torch.float64, device=sums.device), row_projection])
-    return torch.stack([projection, torch.cat([decay, of_row[:, 3]])], 1).float(), ()
+    # What each row needs of its tensor, in one gather: whether it projects channel-wise, the coefficient it takes
+    # otherwise (its tensor's when layer-wise, else 0) and its decay. The factors are written in place: on
+    # ResNet-50's 27,721 rows each op over the rows costs 10-40 µs on CPU (four boolean-mask gathers took 0.25 ms
+    # of a 1 ms finalize; the cats and the stack of the factors that this replaces, 4 ops over all segments).
+    of_row = torch.stack([channel.double(), torch.where(layer, coefficient[:num_tensors], 0.0), decay], 1)
+    of_row = of_row.index_select(0, row_tensor)
+    factors = torch.empty(sums.shape[0], 2, dtype=torch.float32, device=sums.device)
+    factors[:num_tensors, 0] = 0.0
+    factors[num_tensors:, 0] = torch.where(of_row[:, 0] > 0, coefficient[num_tensors:], of_row[:, 1])
+    factors[:num_tensors, 1] = decay
+    factors[num_tensors:, 1] = of_row[:, 2]
+    return factors, ()
 
 
 def adamp_apply(param, grad, state, step, projection, decay,
