@@ -16,6 +16,7 @@ namespace fusedoptim {
 template <bool nesterov, bool amsgrad>
 struct adamp_update {
   static constexpr int num_hyper = 9, num_sums = 4, num_factors = 2;
+  static constexpr bool row_statistics = true;  // params with ndim > 1 also sum per row (channel)
   static constexpr int num_states = amsgrad ? 3 : 2;
   float lr, beta1, beta2, eps, bias_correction1, inv_sqrt_correction2;  // weight_decay, delta, wd_ratio: finalize's
 

@@ -224,9 +224,9 @@ def test_low_precision_params_round_like_torch(case, dtype):
 
 
 def test_two_pass_kernels_validate_everything_before_writing():
-    """Pass A writes states (LAMB's moments), so it checks what pass B will use as well: a bad grad, rows that do
-    not tile a tensor, a sums/factors table of the wrong shape, a slow-weight buffer or sync rate that does not
-    fit. A failed call changes no param, state or table entry."""
+    """Pass A writes states (LAMB's moments), so it checks what pass B will use as well: a bad grad, rows for a rule
+    without per-row statistics or rows that do not tile a tensor (AdamP), a sums/factors table of the wrong shape,
+    a slow-weight buffer or sync rate that does not fit. A failed call changes no param, state or table entry."""
     ext = _cpu.extension()
     params = [torch.randn(40), torch.randn(6, 7)]
     grads = [torch.randn(40), torch.randn(6, 7)]
@@ -252,14 +252,21 @@ def test_two_pass_kernels_validate_everything_before_writing():
         lamb("prepare", slow=torch.zeros(60), sync_rate=rate)
     with pytest.raises(RuntimeError, match="rate as an fp32 CPU tensor"):
         lamb("prepare", slow=slow, sync_rate=torch.tensor([0.5, 0.5]))
-    with pytest.raises(RuntimeError, match="rows of 5 elements do not tile"):
-        lamb("prepare", row_lengths=[0, 5])
-    with pytest.raises(RuntimeError, match="rows lie outside"):
-        lamb("prepare", row_lengths=[0, 7], first_row=[2, 2])  # 6 rows from row 2 of a 2-row table
+    with pytest.raises(RuntimeError, match="no per-row statistics, got rows of 7 elements"):
+        lamb("prepare", row_lengths=[0, 7], first_row=[2, 2])  # only AdamP's rule takes rows
     with pytest.raises(RuntimeError, match="table of 1 columns"):
         lamb("apply", table=torch.ones(2, 2))  # pass B takes the factors (1 for LAMB)
+    # AdamP: hyper lr, betas, log betas, eps, weight decay, delta, wd_ratio; flags nesterov, amsgrad; 4 sums
+    adamp_sums = torch.full((8, 4), -1.0)
+    adamp_hyper = [1e-2, 0.9, 0.999, -0.105, -0.001, 1e-8, 0.1, 0.1, 0.1]
+    with pytest.raises(RuntimeError, match="rows of 5 elements do not tile"):
+        ext.adamp_prepare(params, grads, states, offsets, steps, index, adamp_hyper, [False, False], False, [0, 5],
+                          [2, 2], adamp_sums)
+    with pytest.raises(RuntimeError, match="rows lie outside"):  # 6 rows from row 4 of an 8-row table
+        ext.adamp_prepare(params, grads, states, offsets, steps, index, adamp_hyper, [False, False], False, [0, 7],
+                          [2, 4], adamp_sums)
     assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
-    assert all(not s.any() for s in states) and not slow.any() and (sums == -1).all()
+    assert all(not s.any() for s in states) and not slow.any() and (sums == -1).all() and (adamp_sums == -1).all()
 
 
 def _sync_params(seed=0):
