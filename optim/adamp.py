@@ -59,7 +59,7 @@ def adamp_finalize(sums, steps, segments, tensor_states,
     # What each row needs of its tensor, in one gather: whether it projects channel-wise, the coefficient it takes
     # otherwise (its tensor's when layer-wise, else 0) and its decay. The factors are written in place: on
     # ResNet-50's 27,721 rows each op over the rows costs 10-40 µs on CPU (four boolean-mask gathers took 0.25 ms
-    # of a 1 ms finalize; the cats and the stack of the factors that this replaces, 4 ops over all segments).
+    # of a 1 ms finalize; dropping the cats and the stack of the factors, 4 ops over all segments: 0.80 -> 0.65 ms).
     of_row = torch.stack([channel.double(), torch.where(layer, coefficient[:num_tensors], 0.0), decay], 1)
     of_row = of_row.index_select(0, row_tensor)
     factors = torch.empty(sums.shape[0], 2, dtype=torch.float32, device=sums.device)
