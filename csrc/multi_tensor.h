@@ -261,7 +261,7 @@ FUSEDOPTIM_LOOP_ATTRIBUTES void apply_range(const Rule rule, param_t* param, con
 
 // Pass B over elements [lo, hi) of a tensor with rows of `row` elements, row r with the factors at
 // row_factors[r * F]: one call per thread's range, the rows looped over inside. With a call per row (ResNet-50's
-// AdamP: 27,721 rows of 64-4608 elements) pass B took 0.8-1.7 ms more than without rows; this saved 0.7 ms of it
+// AdamP: 27,560 rows of 64-4608 elements) pass B took 0.8-1.7 ms more than without rows; this saved 0.7 ms of it
 // (mean of 7 runs in turns with the per-row build, -1.9 to +0.3 ms).
 template <typename Rule, typename param_t, bool sync>
 FUSEDOPTIM_LOOP_ATTRIBUTES void apply_rows(const Rule rule, param_t* param, const param_t* grad,

@@ -125,5 +125,5 @@ def assert_state_close(opt_a: FusedOptimizer, pa: torch.Tensor, opt_b: FusedOpti
         else:
             # fp32 (fp64 for fp64 params), or the param dtype for a copy of the grad (Adan's prev_grad)
             assert a.dtype == b.dtype == opt_a.state_dtype(name, pa.dtype), f"{what}: {name} dtype"
-            torch.testing.assert_close(a.float(), b.float(), rtol=FP32_RTOL, atol=FP32_ATOL,
+            torch.testing.assert_close(a.double(), b.double(), rtol=FP32_RTOL, atol=FP32_ATOL,
                                        msg=lambda m, n=name: f"{what} {n}: {m}")
