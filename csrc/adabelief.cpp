@@ -6,9 +6,9 @@
 
 namespace fusedoptim {
 
-void adabelief(const BucketArgs& a, Pass pass) {
+void adabelief(const BucketArgs& a) {
   dispatch_flags<2>(a.flags, [&](auto amsgrad, auto decoupled_weight_decay) {
-    run<adabelief_update<decltype(amsgrad)::value, decltype(decoupled_weight_decay)::value>>(a, pass);
+    run<adabelief_update<decltype(amsgrad)::value, decltype(decoupled_weight_decay)::value>>(a);
   });
 }
 

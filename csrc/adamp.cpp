@@ -6,9 +6,9 @@
 
 namespace fusedoptim {
 
-void adamp(const BucketArgs& a, Pass pass) {
+void adamp(const BucketArgs& a) {
   dispatch_flags<2>(a.flags, [&](auto nesterov, auto amsgrad) {
-    run<adamp_update<decltype(nesterov)::value, decltype(amsgrad)::value>>(a, pass);
+    run<adamp_update<decltype(nesterov)::value, decltype(amsgrad)::value>>(a);
   });
 }
 

@@ -6,8 +6,8 @@
 
 namespace fusedoptim {
 
-void ademamix(const BucketArgs& a, Pass pass) {
-  dispatch_flags<0>(a.flags, [&]() { run<ademamix_update>(a, pass); });
+void ademamix(const BucketArgs& a) {
+  dispatch_flags<0>(a.flags, [&]() { run<ademamix_update>(a); });
 }
 
 }  // namespace fusedoptim

@@ -6,8 +6,8 @@
 
 namespace fusedoptim {
 
-void lamb(const BucketArgs& a, Pass pass) {
-  dispatch_flags<1>(a.flags, [&](auto bias_correction) { run<lamb_update<decltype(bias_correction)::value>>(a, pass); });
+void lamb(const BucketArgs& a) {
+  dispatch_flags<1>(a.flags, [&](auto bias_correction) { run<lamb_update<decltype(bias_correction)::value>>(a); });
 }
 
 }  // namespace fusedoptim

@@ -1,24 +1,27 @@
 // LAMB rules (You et al., 2019, https://arxiv.org/abs/1904.00962, Alg. 2): kernels/lamb.py in C++.
 // Reference: fusedoptim/lamb.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
-// prepare() is pass A (writes the moments, returns the sum terms), apply() pass B (takes the trust ratio).
+// prepare() is pass A (writes the moments, returns the sum terms), finalize() lamb_finalize (the trust ratio),
+// apply() pass B (takes the trust ratio).
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 
 #include "_math.h"
+#include "finalize.h"
 
 namespace fusedoptim {
 
 template <bool bias_correction>
 struct lamb_update {
   static constexpr int num_hyper = 9, num_states = 2, num_sums = 2, num_factors = 1;
-  float lr, beta1, beta2, eps, weight_decay, inv_correction1, inv_sqrt_correction2;  // `bias_correction`: the flag
+  float lr, beta1, beta2, eps, weight_decay, scale_lo, scale_hi, inv_correction1, inv_sqrt_correction2;
 
   lamb_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
               float weight_decay, float scale_lo, float scale_hi)
-      : lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay),
+      : lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay), scale_lo(scale_lo), scale_hi(scale_hi),
         inv_correction1(1.0f / fusedoptim::bias_correction(log_beta1, step)),
         inv_sqrt_correction2(1.0f / std::sqrt(fusedoptim::bias_correction(log_beta2, step))) {}
 
@@ -38,6 +41,13 @@ struct lamb_update {
     state[0][i] = exp_avg, state[1][i] = exp_avg_sq;
     const float update = lamb_direction(param, exp_avg, exp_avg_sq);
     return {param * param, update * update};
+  }
+
+  // The trust ratio φ(‖θ‖)/‖u‖, 1 where φ(‖θ‖) or ‖u‖ is 0 (lamb_finalize, in fp32 like it).
+  void finalize(const TensorSums& t) const {
+    const float param_norm = std::sqrt(t.sums[0]), update_norm = std::sqrt(t.sums[1]);
+    const float phi = std::min(std::max(param_norm, scale_lo), scale_hi);
+    t.factors[0] = phi == 0.0f || update_norm == 0.0f ? 1.0f : phi / update_norm;
   }
 
   float apply(float param, float grad, float* const* state, int64_t i, float trust_ratio) const {

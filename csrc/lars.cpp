@@ -6,9 +6,9 @@
 
 namespace fusedoptim {
 
-void lars(const BucketArgs& a, Pass pass) {
+void lars(const BucketArgs& a) {
   dispatch_flags<2>(a.flags, [&](auto use_momentum, auto nesterov) {
-    run<lars_update<decltype(use_momentum)::value, decltype(nesterov)::value>>(a, pass);
+    run<lars_update<decltype(use_momentum)::value, decltype(nesterov)::value>>(a);
   });
 }
 

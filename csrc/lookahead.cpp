@@ -6,8 +6,8 @@
 
 namespace fusedoptim {
 
-void keep(const BucketArgs& a, Pass pass) {
-  dispatch_flags<0>(a.flags, [&]() { run<keep_update>(a, pass); });
+void keep(const BucketArgs& a) {
+  dispatch_flags<0>(a.flags, [&]() { run<keep_update>(a); });
 }
 
 }  // namespace fusedoptim

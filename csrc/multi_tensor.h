@@ -16,6 +16,8 @@
 #include <utility>
 #include <vector>
 
+#include "finalize.h"
+
 namespace fusedoptim {
 
 // One bucket's step, as Python passes it: the tensors that have a gradient, in bucket order.
@@ -31,8 +33,11 @@ struct BucketArgs {
   bool maximize;
   // Rules with per-tensor statistics (two passes; empty / undefined for the elementwise rules):
   std::vector<int64_t> row_lengths;  // per tensor: 0, or the length of the rows that have sums of their own (AdamP)
-  std::vector<int64_t> first_row;    // per tensor with rows: the row of `table` that holds its first row's sums
-  at::Tensor table;                  // fp32[segments, K]: pass A writes the sums, pass B reads the factors
+  std::vector<int64_t> first_row;    // per tensor with rows: the row of the tables that holds its first row
+  at::Tensor sums;                   // fp32[segments, num_sums]: written, pass A's sums (as finalize saw them)
+  at::Tensor factors;                // fp32[segments, num_factors]: written, finalize's factors (as pass B used them)
+  std::vector<at::Tensor> tensor_states;  // fp32[bucket size] each: per-tensor scalar states finalize updates (TAdam)
+  int64_t cache_group = 0;           // elements per cache group (see step_two_pass); 0: the whole bucket at once
   // Lookahead's sync in the last pass (undefined: no sync): slow <- slow + rate * (fast - slow); fast <- slow.
   at::Tensor slow;                   // flat fp32, laid out like the state buffers
   at::Tensor sync_rate;              // fp32[1]
@@ -92,16 +97,29 @@ inline void validate(const BucketArgs& a, int num_states, int num_hyper, uint32_
   }
 }
 
-// What a two-pass rule's passes need on top of validate(), checked by BOTH passes before they write: pass A
-// writes states, so everything pass B will use (rows, the slow weights) is already checked there too.
-inline void validate_two_pass(const BucketArgs& a, int num_columns, bool row_statistics) {
+// What a two-pass rule's step needs on top of validate(), checked before pass A writes anything.
+inline void validate_two_pass(const BucketArgs& a, int num_sums, int num_factors, int num_tensor_states,
+                              bool row_statistics) {
   const size_t n = a.params.size();
   TORCH_CHECK(a.row_lengths.size() == n && a.first_row.size() == n,
               "fusedoptim cpu: row_lengths and first_row must have one entry per tensor");
-  TORCH_CHECK(a.table.defined() && a.table.device().is_cpu() && a.table.scalar_type() == at::kFloat &&
-                  a.table.is_contiguous() && a.table.dim() == 2 && a.table.size(1) == num_columns,
-              "fusedoptim cpu: expected a contiguous fp32 CPU table of ", num_columns, " columns (sums or factors)");
-  const int64_t segments = a.table.size(0);
+  const auto check_table = [](const at::Tensor& t, int columns, const char* what) {
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.dim() == 2 && t.size(1) == columns,
+                "fusedoptim cpu: expected a contiguous fp32 CPU ", what, " table of ", columns, " columns");
+  };
+  check_table(a.sums, num_sums, "sums");
+  check_table(a.factors, num_factors, "factors");
+  const int64_t segments = a.sums.size(0);
+  TORCH_CHECK(a.factors.size(0) == segments, "fusedoptim cpu: the sums and factors tables differ in rows");
+  TORCH_CHECK(static_cast<int>(a.tensor_states.size()) == num_tensor_states, "fusedoptim cpu: expected ",
+              num_tensor_states, " per-tensor states, got ", a.tensor_states.size());
+  for (const at::Tensor& s : a.tensor_states) {
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                    s.numel() == a.steps.numel(),
+                "fusedoptim cpu: a per-tensor state must be a contiguous fp32 CPU tensor with one entry per tensor");
+  }
+  TORCH_CHECK(a.cache_group >= 0, "fusedoptim cpu: cache_group must be >= 0");
   for (size_t k = 0; k < n; ++k) {
     TORCH_CHECK(a.index[k] < segments, "fusedoptim cpu: tensor index outside the sums/factors table");
     const int64_t row = a.row_lengths[k], numel = a.params[k].numel();
@@ -207,6 +225,14 @@ template <typename Rule>
 struct two_pass<Rule, std::void_t<decltype(Rule::num_sums)>> : std::true_type {
   static constexpr int num_factors = Rule::num_factors;
 };
+// The per-tensor scalar states a two-pass rule's finalize updates (Rule::num_tensor_states: TAdam's W_t; none by
+// default).
+template <typename Rule, typename = void>
+struct num_tensor_states_of : std::integral_constant<int, 0> {};
+template <typename Rule>
+struct num_tensor_states_of<Rule, std::void_t<decltype(Rule::num_tensor_states)>>
+    : std::integral_constant<int, Rule::num_tensor_states> {};
+
 template <typename Rule>
 using factors_t = std::array<float, two_pass<Rule>::num_factors>;
 
@@ -281,7 +307,7 @@ FUSEDOPTIM_LOOP_ATTRIBUTES void apply_rows(const Rule rule, param_t* param, cons
   }
 }
 
-// Pass A over one contiguous range (a chunk, see prepare): the rule writes its new state and returns its
+// Pass A over one contiguous range (a chunk, see prepare_chunks): the rule writes its new state and returns its
 // num_sums terms, which are added up here, in one loop: Lanes (kLanes) consecutive elements at a time, each term
 // into an fp32 pre-sum lane (kPreSum terms per lane), every lane then into its own double, and the doubles pairwise
 // at the end. The loop is auto-vectorised (`GCC ivdep`: param, grad and state do not overlap; no omp lowering, so the
@@ -366,22 +392,19 @@ Prepared<Rule> prepare_tensors(const BucketArgs& a) {
   return out;
 }
 
-// The last pass (the elementwise rules' only pass, pass B of the others): applies Rule to every element of
-// every tensor of `a`. Threads split the concatenation of all tensors by elements, not by tensors: ResNet-50
-// has 161 tensors, 107 of them under 4096 elements, and 2 threads given whole tensors would be as unbalanced as
-// its largest tensor (2.4 M of 25.6 M elements). A tensor with rows takes each row's factors (table row
-// first_row + r); any other tensor its own (table row index[k]).
+// The last pass (the elementwise rules' only pass, pass B of the others) over tensors [k0, k1): applies Rule to
+// every element. Threads split the concatenation of the tensors by elements, not by tensors: ResNet-50 has 161
+// tensors, 107 of them under 4096 elements, and 2 threads given whole tensors would be as unbalanced as its
+// largest tensor (2.4 M of 25.6 M elements). A tensor with rows takes each row's factors (row first_row + r of
+// `factors`); any other tensor its own (row index[k]).
 template <typename Rule, typename param_t, bool sync>
-void apply(const BucketArgs& a) {
-  const size_t n = a.params.size();
-  const Prepared<Rule> t = prepare_tensors<Rule>(a);
+void apply_tensors(const BucketArgs& a, const Prepared<Rule>& t, size_t k0, size_t k1, const float* factors_table) {
   const std::vector<int64_t>& start = t.start;
   constexpr int F = two_pass<Rule>::num_factors;
-  const float* table = F > 0 ? a.table.data_ptr<float>() : nullptr;
   float* slow = sync ? a.slow.data_ptr<float>() : nullptr;
   const float sync_rate = sync ? a.sync_rate.data_ptr<float>()[0] : 0.0f;
   const float grad_sign = a.maximize ? -1.0f : 1.0f;  // exact: maximize negates the gradient
-  at::parallel_for(0, start[n], kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(start[k0], start[k1], kGrain, [&](int64_t begin, int64_t end) {
     size_t k = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (; begin < end; ++k) {
       const int64_t lo = begin - start[k], hi = std::min(end, start[k + 1]) - start[k];
@@ -389,16 +412,16 @@ void apply(const BucketArgs& a) {
       const auto* grad = static_cast<const param_t*>(a.grads[k].const_data_ptr());
       float* slow_k = sync ? slow + a.offsets[k] : nullptr;
       if constexpr (row_statistics_of<Rule>::value) {
-        if (a.row_lengths[k] > 0) {  // each row its own factors: table rows first_row + r
+        if (a.row_lengths[k] > 0) {  // each row its own factors: rows first_row + r
           apply_rows<Rule, param_t, sync>(t.rules[k], param, grad, t.states[k], lo, hi, a.row_lengths[k],
-                                          table + a.first_row[k] * F, grad_sign, slow_k, sync_rate);
+                                          factors_table + a.first_row[k] * F, grad_sign, slow_k, sync_rate);
           begin = start[k] + hi;
           continue;
         }
       }
       factors_t<Rule> factors{};
       if constexpr (F > 0) {
-        for (int f = 0; f < F; ++f) factors[f] = table[a.index[k] * F + f];
+        for (int f = 0; f < F; ++f) factors[f] = factors_table[a.index[k] * F + f];
       }
       std::array<float*, Rule::num_states> state = t.states[k];
       advance<Rule, param_t>(state, lo);
@@ -409,25 +432,28 @@ void apply(const BucketArgs& a) {
   });
 }
 
+// The elementwise rules' step.
+template <typename Rule, typename param_t, bool sync>
+void apply(const BucketArgs& a) {
+  const Prepared<Rule> t = prepare_tensors<Rule>(a);
+  apply_tensors<Rule, param_t, sync>(a, t, 0, a.params.size(), nullptr);
+}
+
 // Elements per pass-A chunk: the unit whose terms are summed together. Chunks restart at every tensor and every
 // row and never depend on the thread count, so neither do the sums (bitwise; tested).
 constexpr int64_t kSumChunk = 4096;
 
-// Pass A: runs Rule::prepare on every element and writes table[s, j] = sum of term j over segment s (tensor
-// index[k]; rows first_row[k] + r of a tensor with rows). Each chunk's terms are summed into its own double
-// partial (threads split the concatenation by elements, and a chunk belongs to the thread where it starts), then
-// the partials are added in chunk order on one thread: a fixed order, whatever the threads did.
-template <typename Rule, typename param_t>
-void prepare(const BucketArgs& a) {
-  constexpr int K = Rule::num_sums;
+struct Chunk {
+  int64_t begin;    // first element in the concatenation
+  size_t k;         // tensor
+  int64_t lo, hi;   // elements [lo, hi) of tensor k
+  int64_t row;      // table row of its row segment, -1 for none
+};
+
+// Every tensor's chunks, in tensor order.
+template <typename Rule>
+std::vector<Chunk> sum_chunks(const BucketArgs& a, const Prepared<Rule>& t) {
   const size_t n = a.params.size();
-  const Prepared<Rule> t = prepare_tensors<Rule>(a);
-  struct Chunk {
-    int64_t begin;    // first element in the concatenation
-    size_t k;         // tensor
-    int64_t lo, hi;   // elements [lo, hi) of tensor k
-    int64_t row;      // table row of its row segment, -1 for none
-  };
   std::vector<Chunk> chunks;
   chunks.reserve(t.start[n] / kSumChunk + n);
   for (size_t k = 0; k < n; ++k) {
@@ -440,13 +466,24 @@ void prepare(const BucketArgs& a) {
       }
     }
   }
-  std::vector<double> partials(chunks.size() * K);
+  return chunks;
+}
+
+// Pass A over chunks [c0, c1) (whole tensors): runs Rule::prepare on every element and sums each chunk's terms
+// into its own double partial (threads split the elements; a chunk belongs to the thread where it starts), then
+// adds the partials in chunk order on one thread into `sums` (double[segments, K]: tensor index[k]; rows
+// first_row[k] + r of a tensor with rows): a fixed order, whatever the threads did.
+template <typename Rule, typename param_t>
+void prepare_chunks(const BucketArgs& a, const Prepared<Rule>& t, const std::vector<Chunk>& chunks, size_t c0,
+                    size_t c1, double* partials, double* sums) {
+  constexpr int K = Rule::num_sums;
+  if (c0 == c1) return;
   const float grad_sign = a.maximize ? -1.0f : 1.0f;
-  at::parallel_for(0, t.start[n], kGrain, [&](int64_t begin, int64_t end) {
-    size_t c = std::lower_bound(chunks.begin(), chunks.end(), begin,
+  at::parallel_for(chunks[c0].begin, t.start[chunks[c1 - 1].k + 1], kGrain, [&](int64_t begin, int64_t end) {
+    size_t c = std::lower_bound(chunks.begin() + c0, chunks.begin() + c1, begin,
                                 [](const Chunk& chunk, int64_t at) { return chunk.begin < at; }) -
                chunks.begin();
-    for (; c < chunks.size() && chunks[c].begin < end; ++c) {
+    for (; c < c1 && chunks[c].begin < end; ++c) {
       const Chunk& chunk = chunks[c];
       std::array<float*, Rule::num_states> state = t.states[chunk.k];
       advance<Rule, param_t>(state, chunk.lo);
@@ -455,23 +492,67 @@ void prepare(const BucketArgs& a) {
       if constexpr (row_statistics_of<Rule>::value) {
         if (chunk.row >= 0) {  // a row's chunk: 16 lanes, see kRowLanes
           prepare_range<Rule, param_t, kRowLanes>(t.rules[chunk.k], param, grad, state, chunk.hi - chunk.lo,
-                                                  grad_sign, partials.data() + c * K);
+                                                  grad_sign, partials + c * K);
           continue;
         }
       }
       prepare_range<Rule, param_t>(t.rules[chunk.k], param, grad, state, chunk.hi - chunk.lo, grad_sign,
-                                   partials.data() + c * K);
+                                   partials + c * K);
     }
   });
-  std::vector<double> sums(a.table.numel(), 0.0);  // tensors without a gradient (and their rows) sum to 0
-  for (size_t c = 0; c < chunks.size(); ++c) {
+  for (size_t c = c0; c < c1; ++c) {
     for (int j = 0; j < K; ++j) {
       sums[a.index[chunks[c].k] * K + j] += partials[c * K + j];
       if (chunks[c].row >= 0) sums[chunks[c].row * K + j] += partials[c * K + j];
     }
   }
-  float* table = a.table.data_ptr<float>();
-  for (size_t s = 0; s < sums.size(); ++s) table[s] = static_cast<float>(sums[s]);
+}
+
+// The step of a rule with per-tensor statistics, by cache groups: runs of consecutive tensors of at most
+// a.cache_group elements (a larger tensor is a group of its own) take pass A, then each tensor's finalize, then
+// pass B, group after group, so that pass B reads from the cache what pass A has just read. The sums do not depend
+// on the groups (nor on the threads: bitwise, tested); the fp32 sums go into a.sums (0 for tensors without a
+// gradient) and the factors of the tensors stepped into a.factors.
+//
+// Why groups, and why the finalize is C++ (csrc/<name>.h, the same computation as fusedoptim/<name>.py's):
+// measured (ResNet-50, 2 threads, Zen 4, in turns in one process), LARS's step took 18.9 ms as pass A over all
+// tensors, the torch finalize, then pass B, against 15.5 ms for torch's fused AdamW (same 28 B/param): 0.82x its
+// GB/s. Pass A streams 200-400 MB through a 32 MB L3, so pass B reads everything from DRAM again; in groups of
+// <= 1 M elements it took 14.3 ms (1.08x). With the torch finalize per group (two tries, csrc/README.md), each
+// group cost about 100 us of torch ops and whole steps came out slower.
+template <typename Rule, typename param_t, bool sync>
+void step_two_pass(const BucketArgs& a) {
+  constexpr int K = Rule::num_sums, F = Rule::num_factors;
+  const size_t n = a.params.size();
+  const Prepared<Rule> t = prepare_tensors<Rule>(a);
+  const std::vector<Chunk> chunks = sum_chunks<Rule>(a, t);
+  std::vector<double> partials(chunks.size() * K);
+  std::vector<double> sums(a.sums.numel(), 0.0);  // tensors without a gradient (and their rows) sum to 0
+  float* table = a.sums.data_ptr<float>();
+  float* factors = a.factors.data_ptr<float>();
+  std::vector<float*> tensor_states;
+  for (const at::Tensor& s : a.tensor_states) tensor_states.push_back(s.data_ptr<float>());
+  const int64_t limit = a.cache_group > 0 ? a.cache_group : t.start[n];
+  const auto to_float = [&](int64_t s, int64_t count) {  // sums rows [s, s + count) as finalize sees them
+    for (int64_t e = s * K; e < (s + count) * K; ++e) table[e] = static_cast<float>(sums[e]);
+  };
+  for (size_t k0 = 0, c0 = 0; k0 < n;) {
+    size_t k1 = k0 + 1, c1 = c0;
+    while (k1 < n && t.start[k1 + 1] - t.start[k0] <= limit) ++k1;
+    while (c1 < chunks.size() && chunks[c1].k < k1) ++c1;
+    prepare_chunks<Rule, param_t>(a, t, chunks, c0, c1, partials.data(), sums.data());
+    for (size_t k = k0; k < k1; ++k) {
+      const int64_t s = a.index[k], row = a.row_lengths[k], rows = row > 0 ? a.params[k].numel() / row : 0;
+      to_float(s, 1);
+      if (rows > 0) to_float(a.first_row[k], rows);
+      t.rules[k].finalize(TensorSums{table + s * K, factors + s * F, a.params[k].numel(), rows, row,
+                                     rows > 0 ? table + a.first_row[k] * K : nullptr,
+                                     rows > 0 ? factors + a.first_row[k] * F : nullptr, tensor_states.data(), s});
+    }
+    apply_tensors<Rule, param_t, sync>(a, t, k0, k1, factors);
+    k0 = k1, c0 = c1;
+  }
+  to_float(0, a.sums.size(0));
 }
 
 // Runtime bools -> template arguments: calls f(std::bool_constant<flags[0]>{}, ..., <flags[N-1]>{}).
@@ -500,14 +581,22 @@ void dispatch_dtype(const BucketArgs& a, const F& f) {
   }
 }
 
-// The passes, as the bindings call them: each validates everything first (a failed call writes nothing).
-enum class Pass { step, prepare, apply };
-
+// A rule's step, as the bindings call it: it validates everything first (a failed call writes nothing).
 // param_t: a rule that is a template on the param type (param_dtype_states_of) runs for that dtype only; its
 // translation unit dispatches on the dtype itself (adan.cpp).
 template <typename Rule, typename param_t = void>
-void run(const BucketArgs& a, Pass pass) {
+void run(const BucketArgs& a) {
   validate(a, Rule::num_states, Rule::num_hyper, param_dtype_states_of<Rule>::value);
+  if constexpr (two_pass<Rule>::value) {
+    validate_two_pass(a, Rule::num_sums, Rule::num_factors, num_tensor_states_of<Rule>::value,
+                      row_statistics_of<Rule>::value);
+    if (a.params.empty()) {
+      std::fill_n(a.sums.data_ptr<float>(), a.sums.numel(), 0.0f);
+      return;
+    }
+  } else if (a.params.empty()) {
+    return;
+  }
   const auto dispatch = [&](const auto& f) {
     if constexpr (std::is_void_v<param_t>) {
       dispatch_dtype(a, f);
@@ -515,28 +604,18 @@ void run(const BucketArgs& a, Pass pass) {
       f(param_t{});
     }
   };
-  if constexpr (two_pass<Rule>::value) {
-    TORCH_CHECK(pass != Pass::step, "fusedoptim cpu: a rule with per-tensor statistics runs as prepare, then apply");
-    validate_two_pass(a, pass == Pass::prepare ? Rule::num_sums : Rule::num_factors, row_statistics_of<Rule>::value);
-  } else {
-    TORCH_CHECK(pass == Pass::step, "fusedoptim cpu: an elementwise rule runs in one step");
-  }
-  if (pass == Pass::prepare) {
-    if (a.params.empty()) {
-      std::fill_n(a.table.data_ptr<float>(), a.table.numel(), 0.0f);
-      return;
-    }
-    if constexpr (two_pass<Rule>::value) {
-      dispatch([&](auto p) { prepare<Rule, decltype(p)>(a); });
-    }
-    return;
-  }
-  if (a.params.empty()) return;
   dispatch([&](auto p) {
-    if (a.slow.defined()) {
-      apply<Rule, decltype(p), true>(a);
+    using param_type = decltype(p);
+    if constexpr (two_pass<Rule>::value) {
+      if (a.slow.defined()) {
+        step_two_pass<Rule, param_type, true>(a);
+      } else {
+        step_two_pass<Rule, param_type, false>(a);
+      }
+    } else if (a.slow.defined()) {
+      apply<Rule, param_type, true>(a);
     } else {
-      apply<Rule, decltype(p), false>(a);
+      apply<Rule, param_type, false>(a);
     }
   });
 }

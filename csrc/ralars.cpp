@@ -6,8 +6,8 @@
 
 namespace fusedoptim {
 
-void ralars(const BucketArgs& a, Pass pass) {
-  dispatch_flags<1>(a.flags, [&](auto force) { run<ralars_update<decltype(force)::value>>(a, pass); });
+void ralars(const BucketArgs& a) {
+  dispatch_flags<1>(a.flags, [&](auto force) { run<ralars_update<decltype(force)::value>>(a); });
 }
 
 }  // namespace fusedoptim

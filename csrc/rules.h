@@ -7,14 +7,14 @@
 
 namespace fusedoptim {
 
-void adabelief(const BucketArgs& a, Pass pass);
-void adan(const BucketArgs& a, Pass pass);
-void ademamix(const BucketArgs& a, Pass pass);
-void keep(const BucketArgs& a, Pass pass);
-void lars(const BucketArgs& a, Pass pass);
-void lamb(const BucketArgs& a, Pass pass);
-void ralars(const BucketArgs& a, Pass pass);
-void tadam(const BucketArgs& a, Pass pass);
-void adamp(const BucketArgs& a, Pass pass);
+void adabelief(const BucketArgs& a);
+void adan(const BucketArgs& a);
+void ademamix(const BucketArgs& a);
+void keep(const BucketArgs& a);
+void lars(const BucketArgs& a);
+void lamb(const BucketArgs& a);
+void ralars(const BucketArgs& a);
+void tadam(const BucketArgs& a);
+void adamp(const BucketArgs& a);
 
 }  // namespace fusedoptim

@@ -6,9 +6,9 @@
 
 namespace fusedoptim {
 
-void tadam(const BucketArgs& a, Pass pass) {
+void tadam(const BucketArgs& a) {
   dispatch_flags<2>(a.flags, [&](auto amsgrad, auto l2) {
-    run<tadam_update<decltype(amsgrad)::value, decltype(l2)::value>>(a, pass);
+    run<tadam_update<decltype(amsgrad)::value, decltype(l2)::value>>(a);
   });
 }
 

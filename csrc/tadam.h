@@ -1,6 +1,7 @@
 // TAdam rules (Ilboudo et al., 2020, https://arxiv.org/abs/2003.00179): kernels/tadam.py in C++.
 // Reference: fusedoptim/tadam.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
-// prepare() is pass A (the terms of Σ(g − m)²/(v + ε), state untouched), apply() pass B (takes the weights of m).
+// prepare() is pass A (the terms of Σ(g − m)²/(v + ε), state untouched), finalize() tadam_finalize (the weights
+// of m, and W_t), apply() pass B (takes the weights of m).
 #pragma once
 
 #include <algorithm>
@@ -9,18 +10,19 @@
 #include <cstdint>
 
 #include "_math.h"
+#include "finalize.h"
 
 namespace fusedoptim {
 
 template <bool amsgrad, bool l2>
 struct tadam_update {
-  static constexpr int num_hyper = 8, num_sums = 1, num_factors = 2;
+  static constexpr int num_hyper = 8, num_sums = 1, num_factors = 2, num_tensor_states = 1;  // W_t
   static constexpr int num_states = amsgrad ? 3 : 2;
-  float lr, beta1, beta2, eps, weight_decay, bias_correction1, inv_sqrt_correction2;  // dof: finalize's
+  float step, lr, beta1, beta2, eps, weight_decay, dof, bias_correction1, inv_sqrt_correction2;
 
   tadam_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
                float weight_decay, float dof)
-      : lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay),
+      : step(step), lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay), dof(dof),
         bias_correction1(bias_correction(log_beta1, step)),
         inv_sqrt_correction2(1.0f / std::sqrt(bias_correction(log_beta2, step))) {}
 
@@ -28,6 +30,19 @@ struct tadam_update {
     if (l2) grad = grad + weight_decay * param;  // a flag: without weight decay pass A never reads θ (40 B, not 44)
     const float residual = grad - state[0][i];   // m and v of the previous step
     return {residual * residual / (state[1][i] + eps)};
+  }
+
+  // The weight w = (ν + d)/(ν + Σ(g−m)²/(v+ε)) and the mixing weights W/(W + w), w/(W + w); W_t ← W·(2β1 − 1)/β1
+  // + w, W = β1/(1 − β1) at step 1 (tadam_finalize, in fp64 like it). ν = dof, or d when dof is 0 (None).
+  void finalize(const TensorSums& t) const {
+    const double d = fp32_count(t.numel), b1 = beta1;
+    const double nu = dof == 0.0f ? d : static_cast<double>(dof);
+    const double weight = std::isinf(nu) ? 1.0 : (nu + d) / (nu + static_cast<double>(t.sums[0]));
+    float& state = t.tensor_states[0][t.index];
+    const double total_weight = step == 1.0f ? b1 / (1.0 - b1) : static_cast<double>(state);
+    t.factors[0] = static_cast<float>(total_weight / (total_weight + weight));
+    t.factors[1] = static_cast<float>(weight / (total_weight + weight));
+    state = static_cast<float>(total_weight * (2 * b1 - 1) / b1 + weight);
   }
 
   float apply(float param, float grad, float* const* state, int64_t i, float old_weight, float new_weight) const {

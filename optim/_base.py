@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -105,7 +104,7 @@ class FusedOptimizer(Optimizer):
 
     state_names: ClassVar[tuple[str, ...]] = ()
     kernel_rule: ClassVar[tuple[str, str]]
-    cpu_rule: ClassVar[str | None] = None  # the C++ rule in csrc/: `<cpu_rule>_step`, or `_prepare` and `_apply`
+    cpu_rule: ClassVar[str | None] = None  # the C++ rule in csrc/<cpu_rule>.h, run by `<cpu_rule>_step`
     reference_update: ClassVar[Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]]
     # Rules with per-tensor statistics (two passes): pass A's rules, how many sums it emits per tensor, the
     # finalize that turns the [T, num_sums] sums into [T, len(factor_names)] factors for pass B (whose rules
@@ -354,10 +353,11 @@ class FusedOptimizer(Optimizer):
             all_active = len(active) == len(bucket.params)
             bucket.steps.add_(1.0 if all_active else self._active_mask(bucket, active))
             run = _Run(bucket, active, grads, hyper, flags, group["maximize"])
-            if bucket.backend == "cpu":  # both passes, finalize between them, and the sync in the last pass
-                _cpu.step(bucket, active, run.grads, hyper, flags, run.maximize, type(self).cpu_rule,
-                          num_sums=self.num_sums, finalize=partial(self._finalize, run) if self.num_sums else None,
-                          sync_rate=sync_rate)
+            if bucket.backend == "cpu":  # both passes, the C++ finalize between them, and the sync in the last pass
+                tables = _cpu.step(bucket, active, run.grads, hyper, flags, run.maximize, type(self).cpu_rule,
+                                   num_sums=self.num_sums, num_factors=len(self.factor_names), sync_rate=sync_rate)
+                if tables is not None:
+                    self._keep_cpu_tables(run, *tables)
             else:
                 fused = bucket.backend == "triton"
                 if fused:
@@ -378,7 +378,8 @@ class FusedOptimizer(Optimizer):
         return loss
 
     def _finalize(self, run: _Run, sums: torch.Tensor) -> torch.Tensor:
-        """Pass A's [segments, num_sums] sums -> pass B's factors, with the one shared ``finalize``; updates the
+        """Pass A's [segments, num_sums] sums -> pass B's factors, with the shared ``finalize`` (the Triton and
+        reference paths; the C++ step runs its C++ counterpart, tested against it); updates the
         per-tensor states of the tensors that have a gradient and keeps sums and factors for ``last_factors``."""
         bucket = run.bucket
         factors, tensor_states = type(self).finalize(sums, bucket.steps, bucket.segments,
@@ -388,6 +389,24 @@ class FusedOptimizer(Optimizer):
             old.copy_(new if all_active else torch.where(self._active_mask(bucket, run.active) > 0, new, old))
         bucket.sums, bucket.factors = sums, factors
         return factors
+
+    def _keep_cpu_tables(self, run: _Run, sums: torch.Tensor, factors: torch.Tensor) -> None:
+        """Keeps the C++ step's sums and factors for ``last_factors``. The C++ finalize wrote the factors of the
+        tensors stepped; those of the others (and of their rows) are, as on the other paths, the shared
+        ``finalize`` of their zero sums."""
+        bucket = run.bucket
+        if len(run.active) < len(bucket.params):
+            segments = bucket.segments
+            stepped = torch.zeros(segments.num_segments, dtype=torch.bool)
+            stepped[list(run.active)] = True
+            for i in run.active:
+                if segments.row_lengths[i]:
+                    first = len(bucket.params) + segments.first_row[i]
+                    stepped[first:first + bucket.numels[i] // segments.row_lengths[i]] = True
+            others, _ = type(self).finalize(sums, bucket.steps, segments, tuple(bucket.tensor_states.values()),
+                                            *run.hyper, *run.flags)
+            factors = torch.where(stepped[:, None], factors, others)
+        bucket.sums, bucket.factors = sums, factors
 
     # ----------------------------------------------------------------- Lookahead support
     def attach_slow_weights(self) -> None:

@@ -126,29 +126,37 @@ def test_threads_split_tensors_and_match_reference_and_one_thread(case, dtype):
     checked by test_parity.py on its profiles."""
     gen = torch.Generator().manual_seed(3)
     params = _big_profile(dtype, gen)
-    copies = {name: [p.clone() for p in params] for name in ("one_thread", "reference")}
+    copies = {name: [p.clone() for p in params] for name in ("one_thread", "groups", "reference")}
     opts = {"threads": case.make(params, backend="cpu"),
             "one_thread": case.make(copies["one_thread"], backend="cpu"),
+            "groups": case.make(copies["groups"], backend="cpu"),  # two-pass rules: 5 cache groups, not 1
             "reference": case.make(copies["reference"], backend="reference")}
-    threads = torch.get_num_threads()
+    threads, default_group = torch.get_num_threads(), _cpu.CACHE_GROUP_ELEMENTS
     try:
         for _ in range(3):
             grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
             for name, opt in opts.items():
                 torch.set_num_threads(1 if name == "one_thread" else _THREADS)
+                _cpu.CACHE_GROUP_ELEMENTS = 50_000 if name == "groups" else default_group
                 for p, g in zip(opt.param_groups[0]["params"], grads, strict=True):
                     p.grad = g.clone()
                 opt.step()
-            # rules with per-tensor statistics: pass A's sums (per tensor, and per row for AdamP) too
-            two, one = (_sums(opts[name]) for name in ("threads", "one_thread"))
+            # rules with per-tensor statistics: pass A's sums (per tensor, and per row for AdamP) and the factors
+            two, one, grouped = (_tables(opts[name]) for name in ("threads", "one_thread", "groups"))
             assert (two is None) == (case.cls.num_sums == 0)
             if two is not None:
-                assert torch.equal(two, one), "threads changed the sums"
-            for i, (a, b, r) in enumerate(zip(params, copies["one_thread"], copies["reference"], strict=True)):
+                for other, tables in (("threads", one), ("cache groups", grouped)):  # bitwise; TAdam's factors
+                    for a, b in zip(two, tables, strict=True):  # of the empty tensors: 0/0 (ν = d = 0)
+                        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True,
+                                                   msg=lambda m, o=other: f"{o} changed the sums or factors: {m}")
+            for i, (a, b, c, r) in enumerate(zip(params, copies["one_thread"], copies["groups"], copies["reference"],
+                                                 strict=True)):
                 assert torch.equal(a, b), f"tensor {i}: threads changed the result"
+                assert torch.equal(a, c), f"tensor {i}: cache groups changed the result"
                 for name, value in opts["threads"].state[a].items():  # bitwise; TAdam's W_t of the empty
-                    torch.testing.assert_close(value, opts["one_thread"].state[b][name], rtol=0, atol=0,  # tensor:
-                                               equal_nan=True, msg=f"tensor {i} {name}: threads")  # 0/0 (ν = d = 0)
+                    for other, q in (("one_thread", b), ("groups", c)):  # tensor: 0/0 (ν = d = 0)
+                        torch.testing.assert_close(value, opts[other].state[q][name], rtol=0, atol=0,
+                                                   equal_nan=True, msg=f"tensor {i} {name}: {other}")
                 if a.numel():  # an empty tensor has no state but TAdam's W_t, 0/0 (ν = d = 0) on both paths
                     assert_state_close(opts["threads"], a, opts["reference"], r, f"{case.name} tensor {i}")
                 if dtype == torch.float32:
@@ -159,12 +167,39 @@ def test_threads_split_tensors_and_match_reference_and_one_thread(case, dtype):
                         opts["reference"].state[r][name].copy_(value)
     finally:
         torch.set_num_threads(threads)
+        _cpu.CACHE_GROUP_ELEMENTS = default_group
 
 
-def _sums(opt):
-    """The last step's sums of every bucket, concatenated (None for elementwise rules)."""
-    sums = [b.sums for group in opt.param_groups for b in opt._buckets(group) if b.sums is not None]
-    return torch.cat(sums) if sums else None
+def _tables(opt):
+    """The last step's sums and factors of every bucket, each concatenated (None for elementwise rules)."""
+    buckets = [b for group in opt.param_groups for b in opt._buckets(group) if b.sums is not None]
+    return (torch.cat([b.sums for b in buckets]), torch.cat([b.factors for b in buckets])) if buckets else None
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.cls.num_sums], ids=lambda c: c.name)
+def test_cpp_finalize_is_the_shared_finalize(case):
+    """The C++ step's finalize (csrc/<name>.h) is the shared ``finalize`` of fusedoptim/<name>.py that the Triton
+    and reference paths run: given the step's own sums, both give the same factors and per-tensor states (TAdam's
+    W_t) to a few fp32 ulps (torch's fp32 sqrt on CPU is not correctly rounded: 16% of the results of
+    ``x.sqrt()`` differ from ``x.double().sqrt().float()`` by 1 ulp; the C++ one is). Over steps with and
+    without a gradient for every param, 2-D params (AdamP's rows) and zero grads (the trust ratios' 0 cases)."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(70001,), (3,), (257, 129), (1,), (33, 31), (64, 3, 3, 3), (512,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    opt = case.make(params, backend="cpu")
+    (bucket,) = opt._buckets(opt.param_groups[0])
+    for step in range(1, 6):
+        for i, p in enumerate(params):
+            p.grad = None if (step == 3 and i == 2) else torch.randn(p.shape, generator=gen) * (i != 4 or step != 2)
+        before = tuple(s.clone() for s in bucket.tensor_states.values())
+        opt.step()
+        group = opt.param_groups[0]
+        factors, states = type(opt).finalize(bucket.sums, bucket.steps, bucket.segments, before,
+                                             *opt._hyper(group), *opt._flags(group))
+        torch.testing.assert_close(bucket.factors, factors, rtol=1e-6, atol=0, msg=lambda m, s=step: f"step {s}: {m}")
+        stepped = torch.tensor([p.grad is not None for p in params])
+        for new, old, cpp in zip(states, before, bucket.tensor_states.values(), strict=True):
+            torch.testing.assert_close(cpp, torch.where(stepped, new, old), rtol=1e-6, atol=0)
 
 
 def test_non_contiguous_param_is_updated_in_place():
@@ -228,49 +263,66 @@ def test_low_precision_params_round_like_torch(case, dtype):
 
 
 def test_two_pass_kernels_validate_everything_before_writing():
-    """Pass A writes states (LAMB's moments), so it checks what pass B will use as well: a bad grad, rows for a rule
-    without per-row statistics or rows that do not tile a tensor (AdamP), a sums/factors table of the wrong shape,
-    a slow-weight buffer or sync rate that does not fit. A failed call changes no param, state or table entry."""
+    """A two-pass step checks everything before pass A writes its first state (LAMB's moments): a bad grad, rows
+    for a rule without per-row statistics or rows that do not tile a tensor (AdamP), sums or factors tables of the
+    wrong shape, per-tensor states that do not fit, a slow-weight buffer or sync rate that does not fit. A failed
+    call changes no param, state or table entry."""
     ext = _cpu.extension()
     params = [torch.randn(40), torch.randn(6, 7)]
     grads = [torch.randn(40), torch.randn(6, 7)]
     states = [torch.zeros(96) for _ in range(2)]
     steps, index, offsets = torch.ones(2), [0, 1], [0, 48]
     hyper = [1e-2, 0.9, 0.999, -0.105, -0.001, 1e-8, 0.1, 0.0, 10.0]  # LAMB: lr, betas, log betas, eps, wd, clip
-    sums = torch.full((2, 2), -1.0)
+    sums, factors = torch.full((2, 2), -1.0), torch.full((2, 1), -1.0)
     slow, rate = torch.zeros(96), torch.tensor([0.5])
     before = [p.clone() for p in params]
 
-    def lamb(pass_, **change):
+    def lamb(**change):
         args = dict(params=params, grads=grads, states=states, offsets=offsets, steps=steps, index=index,
-                    hyper=hyper, flags=[True], maximize=False, row_lengths=[0, 0], first_row=[2, 2], table=sums)
-        getattr(ext, f"lamb_{pass_}")(**{**args, **change})
+                    hyper=hyper, flags=[True], maximize=False, row_lengths=[0, 0], first_row=[2, 2], sums=sums,
+                    factors=factors, tensor_states=[], cache_group=0)
+        ext.lamb_step(**{**args, **change})
 
     with pytest.raises(RuntimeError, match="grad has 8 elements, its param 42"):
-        lamb("prepare", grads=[grads[0], torch.randn(8)])
-    with pytest.raises(RuntimeError, match="table of 2 columns"):
-        lamb("prepare", table=torch.zeros(2, 3))
+        lamb(grads=[grads[0], torch.randn(8)])
+    with pytest.raises(RuntimeError, match="sums table of 2 columns"):
+        lamb(sums=torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="factors table of 1 columns"):
+        lamb(factors=torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match="differ in rows"):
+        lamb(factors=torch.ones(3, 1))
     with pytest.raises(RuntimeError, match="outside the sums/factors table"):
-        lamb("prepare", table=torch.zeros(1, 2))
+        lamb(sums=torch.zeros(1, 2), factors=torch.zeros(1, 1))
+    with pytest.raises(RuntimeError, match="expected 0 per-tensor states, got 1"):
+        lamb(tensor_states=[torch.zeros(2)])
+    with pytest.raises(RuntimeError, match="cache_group must be >= 0"):
+        lamb(cache_group=-1)
     with pytest.raises(RuntimeError, match="slow-weight segment lies outside"):
-        lamb("prepare", slow=torch.zeros(60), sync_rate=rate)
+        lamb(slow=torch.zeros(60), sync_rate=rate)
     with pytest.raises(RuntimeError, match="rate as an fp32 CPU tensor"):
-        lamb("prepare", slow=slow, sync_rate=torch.tensor([0.5, 0.5]))
+        lamb(slow=slow, sync_rate=torch.tensor([0.5, 0.5]))
     with pytest.raises(RuntimeError, match="no per-row statistics, got rows of 7 elements"):
-        lamb("prepare", row_lengths=[0, 7], first_row=[2, 2])  # only AdamP's rule takes rows
-    with pytest.raises(RuntimeError, match="table of 1 columns"):
-        lamb("apply", table=torch.ones(2, 2))  # pass B takes the factors (1 for LAMB)
+        lamb(row_lengths=[0, 7], first_row=[2, 2])  # only AdamP's rule takes rows
     # AdamP: hyper lr, betas, log betas, eps, weight decay, delta, wd_ratio; flags nesterov, amsgrad; 4 sums
-    adamp_sums = torch.full((8, 4), -1.0)
+    adamp_sums, adamp_factors = torch.full((8, 4), -1.0), torch.full((8, 2), -1.0)
     adamp_hyper = [1e-2, 0.9, 0.999, -0.105, -0.001, 1e-8, 0.1, 0.1, 0.1]
+
+    def adamp(rows, first_row):
+        ext.adamp_step(params, grads, states, offsets, steps, index, adamp_hyper, [False, False], False, rows,
+                       first_row, adamp_sums, adamp_factors, [], 0)
+
     with pytest.raises(RuntimeError, match="rows of 5 elements do not tile"):
-        ext.adamp_prepare(params, grads, states, offsets, steps, index, adamp_hyper, [False, False], False, [0, 5],
-                          [2, 2], adamp_sums)
+        adamp([0, 5], [2, 2])
     with pytest.raises(RuntimeError, match="rows lie outside"):  # 6 rows from row 4 of an 8-row table
-        ext.adamp_prepare(params, grads, states, offsets, steps, index, adamp_hyper, [False, False], False, [0, 7],
-                          [2, 4], adamp_sums)
+        adamp([0, 7], [2, 4])
+    # TAdam: one per-tensor state (W_t), one entry per tensor of the bucket
+    tadam_hyper = [1e-2, 0.9, 0.999, -0.105, -0.001, 1e-8, 0.0, 0.0]
+    with pytest.raises(RuntimeError, match="one entry per tensor"):
+        ext.tadam_step(params, grads, states, offsets, steps, index, tadam_hyper, [False, False], False, [0, 0],
+                       [2, 2], torch.zeros(2, 1), torch.zeros(2, 2), [torch.zeros(3)], 0)
     assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
-    assert all(not s.any() for s in states) and not slow.any() and (sums == -1).all() and (adamp_sums == -1).all()
+    assert all(not s.any() for s in states) and not slow.any()
+    assert all((t == -1).all() for t in (sums, factors, adamp_sums, adamp_factors))
 
 
 def _sync_params(seed=0):
