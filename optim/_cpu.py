@@ -47,7 +47,6 @@ _lock = threading.Lock()
 _extension: ModuleType | None = None
 _failure: str | None = None
 _warned = False
-FUSED = False
 
 
 def sources_dir() -> Path:
@@ -130,8 +129,10 @@ def warn_fallback_once(reason: str) -> None:
 
 #: Elements per cache group of a two-pass step (csrc/multi_tensor.h, step_two_pass): pass A, finalize and pass B run
 #: group after group, so that pass B finds in the cache what pass A read. Measured with ResNet-50 (2 threads, Zen 4,
-#: 32 MB L3), LARS ms per step at groups of 0.25 / 0.5 / 1 / 2 M elements: 15.4 / 14.9 / 14.3 / 14.0 (18.9 as
-#: one group, fused AdamW 15.5); 1 M keeps LAMB's 16 B/element of pass-B reads (16 MB) well inside the L3.
+#: 32 MB L3, in turns in one process), LARS ms per step at groups of 0.25 / 0.5 / 1 / 2 million elements: 15.4 /
+#: 14.9 / 14.3 / 14.0 (the torch finalize between two whole passes: 18.9; fused AdamW 15.5). In two runs over all
+#: five two-pass rules (csrc/README.md), 0.5-1 M were 2-16% faster than one group for each, and 2 M slower for
+#: LAMB, whose pass B reads 12 B/element (24 MB at 2 M).
 CACHE_GROUP_ELEMENTS = 1 << 20
 
 
