@@ -129,7 +129,7 @@ def test_threads_split_tensors_and_match_reference_and_one_thread(case, dtype):
     copies = {name: [p.clone() for p in params] for name in ("one_thread", "groups", "reference")}
     opts = {"threads": case.make(params, backend="cpu"),
             "one_thread": case.make(copies["one_thread"], backend="cpu"),
-            "groups": case.make(copies["groups"], backend="cpu"),  # two-pass rules: 5 cache groups, not 1
+            "groups": case.make(copies["groups"], backend="cpu"),  # two-pass rules: 4 cache groups, not 1
             "reference": case.make(copies["reference"], backend="reference")}
     threads, default_group = torch.get_num_threads(), _cpu.CACHE_GROUP_ELEMENTS
     try:
