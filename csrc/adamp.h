@@ -49,11 +49,14 @@ struct adamp_update {
   }
 
   // A segment's (tensor's or row's) |cos(θ, g)| and projection coefficient (θ·perturb)/(‖θ‖ + ε)², in fp64.
-  void cosine_and_coefficient(const float* sums, double& cosine, double& coefficient) const {
-    const double dot = sums[0], param_sq = sums[1], grad_sq = sums[2], param_perturb = sums[3], e = eps;
-    const double param_norm = std::sqrt(param_sq);
-    cosine = std::abs(dot) / (std::max(param_norm, e) * std::max(std::sqrt(grad_sq), e));  // NaN stays NaN
-    coefficient = param_perturb / ((param_norm + e) * (param_norm + e));
+  double cosine(const float* sums) const {
+    const double e = eps, param_norm = std::sqrt(static_cast<double>(sums[1]));
+    return std::abs(static_cast<double>(sums[0])) /
+           (std::max(param_norm, e) * std::max(std::sqrt(static_cast<double>(sums[2])), e));  // NaN stays NaN
+  }
+  double coefficient(const float* sums) const {
+    const double e = eps, param_norm = std::sqrt(static_cast<double>(sums[1]));
+    return sums[3] / ((param_norm + e) * (param_norm + e));
   }
 
   // The projection decision and the factors (projection c, decay 1 − lr·λ·ratio) of the tensor and its rows
@@ -61,25 +64,23 @@ struct adamp_update {
   // |cos(θ, g)| < δ/√numel; only tensors with rows (ndim > 1) project.
   void finalize(const TensorSums& t) const {
     const double lr_wd = static_cast<double>(lr) * weight_decay;
-    double cosine, coefficient;
-    cosine_and_coefficient(t.sums, cosine, coefficient);
     bool channel = false, layer = false;
     if (t.rows > 0) {
-      double channel_max = 0, row_cosine, row_coefficient;
+      double channel_max = 0;
       for (int64_t r = 0; r < t.rows; ++r) {  // amax, NaN-propagating like torch's scatter_reduce
-        cosine_and_coefficient(t.row_sums + r * num_sums, row_cosine, row_coefficient);
+        const double row_cosine = cosine(t.row_sums + r * num_sums);
         channel_max = r == 0 || row_cosine > channel_max || row_cosine != row_cosine ? row_cosine : channel_max;
         if (channel_max != channel_max) break;
       }
       channel = channel_max < delta / std::sqrt(std::max(fp32_count(t.row_length), 1.0));
-      layer = !channel && cosine < delta / std::sqrt(fp32_count(t.numel));
+      layer = !channel && cosine(t.sums) < delta / std::sqrt(fp32_count(t.numel));
     }
     const float decay = static_cast<float>(1.0 - lr_wd * (channel || layer ? static_cast<double>(wd_ratio) : 1.0));
     t.factors[0] = 0.0f, t.factors[1] = decay;
+    const float layer_projection = layer ? static_cast<float>(coefficient(t.sums)) : 0.0f;
     for (int64_t r = 0; r < t.rows; ++r) {
-      double row_cosine, row_coefficient;
-      cosine_and_coefficient(t.row_sums + r * num_sums, row_cosine, row_coefficient);
-      t.row_factors[r * num_factors] = static_cast<float>(channel ? row_coefficient : layer ? coefficient : 0.0);
+      t.row_factors[r * num_factors] =
+          channel ? static_cast<float>(coefficient(t.row_sums + r * num_sums)) : layer_projection;
       t.row_factors[r * num_factors + 1] = decay;
     }
   }

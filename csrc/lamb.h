@@ -21,7 +21,8 @@ struct lamb_update {
 
   lamb_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
               float weight_decay, float scale_lo, float scale_hi)
-      : lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay), scale_lo(scale_lo), scale_hi(scale_hi),
+      : lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay), scale_lo(scale_lo),
+        scale_hi(scale_hi),
         inv_correction1(1.0f / fusedoptim::bias_correction(log_beta1, step)),
         inv_sqrt_correction2(1.0f / std::sqrt(fusedoptim::bias_correction(log_beta2, step))) {}
 

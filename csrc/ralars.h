@@ -22,7 +22,8 @@ struct ralars_update {
   ralars_update(float step, float lr, float beta1, float beta2, double log_beta1, double log_beta2, float eps,
                 float weight_decay, float scale_lo, float scale_hi, float rectify_from_step)
       : step(step), lr(lr), beta1(beta1), beta2(beta2), eps(eps), weight_decay(weight_decay),
-        scale_lo(scale_lo), scale_hi(scale_hi), rectify_from_step(rectify_from_step), inv_correction1(1.0f / bias_correction(log_beta1, step)),
+        scale_lo(scale_lo), scale_hi(scale_hi), rectify_from_step(rectify_from_step),
+        inv_correction1(1.0f / bias_correction(log_beta1, step)),
         inv_sqrt_correction2(1.0f / std::sqrt(bias_correction(log_beta2, step))) {}
 
   // The update before rectification and decay: adaptive m̂/(√v̂ + ε) once ρ_t > 4 (or if forced), else m̂.

@@ -397,12 +397,8 @@ class FusedOptimizer(Optimizer):
         bucket = run.bucket
         if len(run.active) < len(bucket.params):
             segments = bucket.segments
-            stepped = torch.zeros(segments.num_segments, dtype=torch.bool)
-            stepped[list(run.active)] = True
-            for i in run.active:
-                if segments.row_lengths[i]:
-                    first = len(bucket.params) + segments.first_row[i]
-                    stepped[first:first + bucket.numels[i] // segments.row_lengths[i]] = True
+            tensors = self._active_mask(bucket, run.active) > 0
+            stepped = torch.cat([tensors, tensors[segments.row_tensor]])  # tensors, then each row as its tensor
             others, _ = type(self).finalize(sums, bucket.steps, segments, tuple(bucket.tensor_states.values()),
                                             *run.hyper, *run.flags)
             factors = torch.where(stepped[:, None], factors, others)

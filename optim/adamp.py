@@ -60,7 +60,7 @@ def adamp_finalize(sums, steps, segments, tensor_states,
     # otherwise (its tensor's when layer-wise, else 0) and its decay; the factors are written in place. On
     # ResNet-50 (27,560 rows, 27,721 segments) each op over the rows costs 10-40 µs on CPU: four boolean-mask
     # gathers took 0.25 ms of a 1 ms finalize, and dropping the cats and the stack of the factors (4 ops over
-    # all segments) took it from 0.80 to 0.65 ms.
+    # all segments) took it from 0.80 to 0.65 ms. (The C++ step runs its C++ copy, csrc/adamp.h, instead.)
     of_row = torch.stack([channel.double(), torch.where(layer, coefficient[:num_tensors], 0.0), decay], 1)
     of_row = of_row.index_select(0, row_tensor)
     factors = torch.empty(sums.shape[0], 2, dtype=torch.float32, device=sums.device)
