@@ -158,6 +158,11 @@ def _torch_dtype(name: str) -> Any:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def _rule_name(rule: Any) -> tuple[str, str]:
+    """(module, function) of a ``@triton.jit`` rule: what a spawned compile worker imports it by."""
+    return rule.fn.__module__, rule.fn.__name__
+
+
 def _passes(spec: Optimizer, options: dict[str, Any]) -> tuple[Any, list, tuple, int, float, float, Any]:
     """Construct the optimizer (reference backend, a CPU tensor) and read what its Triton step would launch."""
     import torch
@@ -169,10 +174,13 @@ def _passes(spec: Optimizer, options: dict[str, Any]) -> tuple[Any, list, tuple,
     group = opt.param_groups[0]
     names = {_torch_dtype(name): name for name in DTYPES}  # Triton's names of the dtypes are the same
 
-    def state_types(dtype: str) -> tuple[str, ...]:
-        return tuple(names[opt.state_dtype(name, _torch_dtype(dtype))] for name in opt._state_names(group))
+    state_names = opt.group_state_names(group)
+    hyper, flags = opt.group_scalars(group)
 
-    return (cls.kernel_passes(), opt._flags(group), len(opt._state_names(group)), len(opt._hyper(group)),
+    def state_types(dtype: str) -> tuple[str, ...]:
+        return tuple(names[opt.state_dtype(name, _torch_dtype(dtype))] for name in state_names)
+
+    return (cls.rule.kernel_passes(), flags, len(state_names), len(hyper),
             opt.bytes_per_param(group, torch.float32), opt.bytes_per_param(group, torch.bfloat16), state_types)
 
 
@@ -216,7 +224,7 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                     model = model16  # same element size as bf16
                 name = "step" if len(passes) == 1 else ("prepare" if p.num_sums else "apply")
                 for sync in ((False, True) if p.last and default else (False,)):
-                    out.append(Variant(spec.name, label, name, p.rule, tuple(flags), num_states, num_hyper,
+                    out.append(Variant(spec.name, label, name, _rule_name(p.rule), tuple(flags), num_states, num_hyper,
                                        p.num_sums, p.num_factors, p.store_param, p.store_state, dtype, aligned,
                                        sync, maximize, arch, model, state_types(dtype)))
             for p in passes:
@@ -225,13 +233,13 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                     for arch in archs:
                         out.append(Variant(spec.name, label, "segment_sum", ("", ""), (), 0, 0, p.num_sums, 0,
                                            False, False, "fp32", True, False, False, arch))
-    from fusedoptim._base import SYNC_PASS
+    from fusedoptim.wrappers import SYNC_PASS
 
     for dtype, aligned, arch in itertools.product(DTYPES, (True, False), archs):
         # read θ and the fp32 slow weight, write both
         model = 2 * element_size[dtype] + 8
-        out.append(Variant("lookahead", "sync", "sync", SYNC_PASS.rule, (), 0, 0, 0, 0, SYNC_PASS.store_param,
-                           SYNC_PASS.store_state, dtype, aligned, True, False, arch, model))
+        out.append(Variant("lookahead", "sync", "sync", _rule_name(SYNC_PASS.rule), (), 0, 0, 0, 0,
+                           SYNC_PASS.store_param, SYNC_PASS.store_state, dtype, aligned, True, False, arch, model))
     return out
 
 
@@ -259,19 +267,19 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fusedoptim.kernels import _launch
-    from fusedoptim.kernels._template import multi_tensor_step_kernel, segment_sum_kernel
+    from fusedoptim import kernels
+    from fusedoptim.kernels import multi_tensor_step_kernel, segment_sum_kernel
 
     if not isinstance(multi_tensor_step_kernel, triton.runtime.JITFunction):
         raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted functions and cannot be compiled")
     if v.pass_ == "segment_sum":
-        kernel, signature = segment_sum_kernel, dict(_launch.SEGMENT_SUM_SIGNATURE)
-        options = _launch.segment_sum_options(v.num_sums)
+        kernel, signature = segment_sum_kernel, dict(kernels.SEGMENT_SUM_SIGNATURE)
+        options = kernels.segment_sum_options(v.num_sums)
     else:
-        kernel, signature = multi_tensor_step_kernel, _launch.step_signature(v.num_states, v.num_hyper, v.state_types)
-        rule = getattr(importlib.import_module(f"fusedoptim.kernels.{v.rule[0]}"), v.rule[1])
+        kernel, signature = multi_tensor_step_kernel, kernels.step_signature(v.num_states, v.num_hyper, v.state_types)
+        rule = getattr(importlib.import_module(v.rule[0]), v.rule[1])
         dtype = _torch_dtype(v.dtype)
-        options = _launch.step_options(rule, v.flags, dtype, v.maximize, v.aligned, num_sums=v.num_sums,
+        options = kernels.step_options(rule, v.flags, dtype, v.maximize, v.aligned, num_sums=v.num_sums,
                                        num_factors=v.num_factors, store_param=v.store_param,
                                        store_state=v.store_state, sync=v.sync)
     compiler = {name: options.pop(name) for name in list(options) if name not in kernel.arg_names}

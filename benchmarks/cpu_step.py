@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from fusedoptim import LAMB, LARS, AdaBelief, AdamP, Adan, AdEMAMix, FusedOptimizer, RaLars, TAdam, _cpu
+from fusedoptim import LAMB, LARS, AdaBelief, AdamP, Adan, AdEMAMix, FusedOptimizer, RaLars, TAdam, build
 
 ADAMW_BYTES_PER_PARAM = 28  # read+write param, exp_avg, exp_avg_sq; read grad (fp32)
 
@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     # Build time: in a fresh process, so that this process's own import does not hide it.
-    probe = "import time; t = time.perf_counter(); from fusedoptim import _cpu; _cpu.extension(); " \
+    probe = "import time; t = time.perf_counter(); from fusedoptim import build; build.cpu_extension(); " \
             "print(time.perf_counter() - t)"
     load_s = float(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
                                   text=True).stdout.split()[-1])
     start = time.perf_counter()
-    reason = _cpu.unavailable_reason()
+    reason = build.cpu_unavailable_reason()
     if reason is not None:
         raise SystemExit(reason)
     in_process_s = time.perf_counter() - start

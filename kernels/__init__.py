@@ -1,21 +1,52 @@
-"""Triton kernels: the only subpackage that imports triton. Imported lazily by the optimizers."""
+"""Triton kernels: the only subpackage that imports triton. The optimizers reach it through optim/_kernels.py.
 
+``fusedoptim.kernels.<name>`` holds the rules of optimizer <name> (``@triton.jit`` functions on fp32 blocks);
+``_template.py`` the multi-tensor kernels that apply them; ``_launch.py`` the launcher and the table layout.
+"""
+
+from . import adabelief, adamp, adan, ademamix, lamb, lars, lookahead, ralars, tadam
 from ._launch import (
     INTERPRETED,
     LAUNCH_COUNTS,
+    SEGMENT_SUM_SIGNATURE,
     SUPPORTED_DTYPES,
+    TableSizes,
     block_size,
     device_ok,
     launch_segment_sum,
     launch_step,
+    pack_tables,
+    segment_sum_options,
+    split_tables,
+    step_options,
+    step_signature,
 )
+from ._template import multi_tensor_step_kernel, segment_sum_kernel
 
 __all__ = [
     "INTERPRETED",
     "LAUNCH_COUNTS",
+    "SEGMENT_SUM_SIGNATURE",
     "SUPPORTED_DTYPES",
+    "TableSizes",
+    "adabelief",
+    "adamp",
+    "adan",
+    "ademamix",
     "block_size",
     "device_ok",
+    "lamb",
+    "lars",
     "launch_segment_sum",
     "launch_step",
+    "lookahead",
+    "multi_tensor_step_kernel",
+    "pack_tables",
+    "ralars",
+    "segment_sum_kernel",
+    "segment_sum_options",
+    "split_tables",
+    "step_options",
+    "step_signature",
+    "tadam",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -61,7 +62,7 @@ def launch_step(
     rule: triton.JITFunction,
     flags: tuple,
     tables: torch.Tensor,
-    sizes: tuple[int, int, int],
+    sizes: TableSizes,
     steps: torch.Tensor,
     states: Sequence[torch.Tensor],
     hyper: tuple[float, ...],
@@ -78,13 +79,13 @@ def launch_step(
 ) -> None:
     """One launch of the multi-tensor template over a bucket.
 
-    ``tables`` is one int64 tensor packing the address tables and the chunk table (see ``split_tables``), built
-    on the host and copied to the device in a single transfer; ``sizes`` = (tensors, segments, chunks). With
+    ``tables`` is one int64 tensor packing the address tables and the chunk table (``pack_tables``), copied to
+    the device in a single transfer; ``sizes`` are its tensors, segments and chunks. With
     ``partials`` ([C, K]) this is pass A of a rule with per-tensor statistics, with ``factors`` ([S, F]) pass B;
     with ``slow`` and ``sync_rate`` (fp32[1] on the device) it also performs Lookahead's sync.
     """
     (param_ptrs, grad_ptrs, state_offsets, _, _, chunk_tensor, chunk_start, chunk_end,
-     chunk_segment) = split_tables(tables, *sizes)
+     chunk_segment) = split_tables(tables, sizes)
     options = step_options(rule, flags, param_dtype, maximize, aligned,
                            num_sums=0 if partials is None else partials.shape[1],
                            num_factors=0 if factors is None else factors.shape[1],
@@ -92,7 +93,7 @@ def launch_step(
     # Triton launches on the *current* CUDA device, which need not be the bucket's.
     guard = torch.cuda.device(steps.device) if steps.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        multi_tensor_step_kernel[(sizes[2],)](
+        multi_tensor_step_kernel[(sizes.chunks,)](
             param_ptrs, grad_ptrs, state_offsets, steps, chunk_tensor, chunk_start, chunk_end, chunk_segment,
             tuple(states), tuple(hyper), steps if partials is None else partials, steps if factors is None else factors,
             steps if slow is None else slow, steps if sync_rate is None else sync_rate, **options)
@@ -134,20 +135,41 @@ def segment_sum_options(num_sums: int) -> dict:
 SEGMENT_SUM_SIGNATURE = {"partials": "*fp32", "segment_begin": "*i64", "segment_end": "*i64", "sums": "*fp32"}
 
 
-def launch_segment_sum(partials: torch.Tensor, tables: torch.Tensor, sizes: tuple[int, int, int],
-                       sums: torch.Tensor) -> None:
+def launch_segment_sum(partials: torch.Tensor, tables: torch.Tensor, sizes: TableSizes, sums: torch.Tensor) -> None:
     """sums[s, k] = the partials of segment s's chunks, added in a fixed order (one program per segment)."""
-    segment_begin, segment_end = split_tables(tables, *sizes)[3:5]
+    segment_begin, segment_end = split_tables(tables, sizes)[3:5]
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        segment_sum_kernel[(sizes[1],)](partials, segment_begin, segment_end, sums,
+        segment_sum_kernel[(sizes.segments,)](partials, segment_begin, segment_end, sums,
                                         **segment_sum_options(partials.shape[1]))
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 
-def split_tables(tables: torch.Tensor, t: int, s: int, c: int) -> tuple[torch.Tensor, ...]:
-    """Views of the packed table: param_ptrs, grad_ptrs, state_offsets (T each), segment_begin, segment_end
-    (S each), chunk_tensor, chunk_start, chunk_end, chunk_segment (C each)."""
-    sizes = [t, t, t, s, s, c, c, c, c]
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+class TableSizes(NamedTuple):
+    """The lengths of the packed table's parts: per tensor, per segment and per chunk."""
+
+    tensors: int
+    segments: int
+    chunks: int
+
+
+def pack_tables(param_ptrs: Sequence[int], grad_ptrs: Sequence[int], state_offsets: Sequence[int], chunks: Any,
+                device: torch.device) -> tuple[torch.Tensor, TableSizes]:
+    """One int64 tensor on ``device`` holding, in order: param_ptrs, grad_ptrs, state_offsets (T each),
+    segment_begin, segment_end (S each), chunk_tensor, chunk_start, chunk_end, chunk_segment (C each), from the
+    host lists of ``chunks`` (a ``fusedoptim._layout.ChunkTable``); ``split_tables`` gives the views back."""
+    host = torch.tensor(list(param_ptrs) + list(grad_ptrs) + list(state_offsets) + chunks.segment_begin
+                        + chunks.segment_end + chunks.chunk_tensor + chunks.chunk_start + chunks.chunk_end
+                        + chunks.chunk_segment, dtype=torch.int64)
+    if device.type == "cuda":  # one async H2D copy; the pinned block is recycled safely by torch
+        host = host.pin_memory().to(device, non_blocking=True)
+    return host, TableSizes(len(param_ptrs), len(chunks.segment_begin), len(chunks.chunk_tensor))
+
+
+def split_tables(tables: torch.Tensor, sizes: TableSizes) -> tuple[torch.Tensor, ...]:
+    """Views of the packed table (``pack_tables``): param_ptrs, grad_ptrs, state_offsets, segment_begin,
+    segment_end, chunk_tensor, chunk_start, chunk_end, chunk_segment."""
+    t, s, c = sizes
+    lengths = [t, t, t, s, s, c, c, c, c]
+    bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
     return tuple(tables[a:b] for a, b in zip(bounds, bounds[1:], strict=False))

@@ -5,7 +5,10 @@ of tensors; on CPU tensors fused C++ kernels (built just in time from csrc/) do 
 pure-PyTorch reference of the same rule as the fallback and the tests' oracle.
 """
 
-from ._base import BACKENDS, FusedOptimizer
+from ._backends import BACKENDS, BackendUnavailable
+from ._base import FusedOptimizer
+from ._layout import Bucket
+from ._rule import Rule, TwoPassRule
 from .adabelief import AdaBelief
 from .adamp import AdamP
 from .adan import Adan
@@ -18,6 +21,8 @@ from .wrappers import Lookahead, Scout
 
 __all__ = [
     "BACKENDS",
+    "BackendUnavailable",
+    "Bucket",
     "LAMB",
     "LARS",
     "AdaBelief",
@@ -27,7 +32,9 @@ __all__ = [
     "FusedOptimizer",
     "Lookahead",
     "RaLars",
+    "Rule",
     "Scout",
     "TAdam",
+    "TwoPassRule",
 ]
 __version__ = "0.1.0"

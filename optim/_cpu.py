@@ -1,4 +1,4 @@
-"""The fused C++ CPU backend: builds ``csrc/`` just in time on first use (cached on disk) and runs a bucket's step.
+"""The C++ backend: builds ``csrc/`` just in time on first use (cached on disk) and runs a bucket's step in one call.
 
 The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja) into the torch extensions directory
 (``~/.cache/torch_extensions``), or into ``$FUSEDOPTIM_BUILD_DIR`` when set; later processes load the cached
@@ -14,11 +14,17 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ._backends import Run
+    from ._layout import Bucket
+    from ._rule import Rule
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +32,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 # One translation unit per optimizer, compiled in parallel by ninja (csrc/rules.h), and the bindings.
-_SOURCES = ("fusedoptim_cpu.cpp", "adabelief.cpp", "adan.cpp", "ademamix.cpp", "lookahead.cpp", "lars.cpp", "lamb.cpp",
+SOURCES = ("fusedoptim_cpu.cpp", "adabelief.cpp", "adan.cpp", "ademamix.cpp", "lookahead.cpp", "lars.cpp", "lamb.cpp",
             "ralars.cpp", "tadam.cpp", "adamp.cpp")
-_HEADERS = ("_math.h", "finalize.h", "multi_tensor.h", "adabelief.h", "adan.h", "ademamix.h", "lars.h", "lamb.h",
+HEADERS = ("_math.h", "finalize.h", "multi_tensor.h", "adabelief.h", "adan.h", "ademamix.h", "lars.h", "lamb.h",
             "ralars.h", "tadam.h", "adamp.h", "lookahead.h", "rules.h")
 # -O3 vectorises the elementwise loops (`omp simd`); -fopenmp is what makes at::parallel_for use more than
 # one thread in a header-only build. -fno-math-errno lets std::sqrt become one vector instruction: with errno
@@ -42,12 +48,6 @@ _HEADERS = ("_math.h", "finalize.h", "multi_tensor.h", "adabelief.h", "adan.h", 
 # log β1 = -inf, and parity with the reference (fp32 rtol 1e-5) leaves no room for reassociated sums.
 _CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 _LDFLAGS = ["-fopenmp"]
-
-_lock = threading.Lock()
-_extension: ModuleType | None = None
-_failure: str | None = None
-_warned = False
-
 
 def sources_dir() -> Path:
     """Where the C++ sources are: the package data ``fusedoptim.csrc`` (``csrc/`` of the checkout)."""
@@ -65,19 +65,19 @@ def build_dir() -> Path | None:
     return Path(path)
 
 
-def _build() -> ModuleType:
+def build() -> ModuleType:
     """Compile the extension, or load it from the on-disk cache when the sources and flags are unchanged."""
     from torch.utils import cpp_extension
 
     src = sources_dir()
-    missing = [name for name in _SOURCES + _HEADERS if not (src / name).is_file()]
+    missing = [name for name in SOURCES + HEADERS if not (src / name).is_file()]
     if missing:
         raise FileNotFoundError(f"C++ sources missing from {src}: {missing}")
     bdir = build_dir()
     start = time.perf_counter()
     module = cpp_extension.load(
         name="fusedoptim_cpu",
-        sources=[str(src / name) for name in _SOURCES],
+        sources=[str(src / name) for name in SOURCES],
         extra_include_paths=[str(src)],
         extra_cflags=_CFLAGS,
         extra_ldflags=_LDFLAGS,
@@ -88,43 +88,56 @@ def _build() -> ModuleType:
     return module
 
 
-def _extension_or_none() -> ModuleType | None:
-    global _extension, _failure
-    if _extension is None and _failure is None:
-        with _lock:
-            if _extension is None and _failure is None:
-                try:
-                    _extension = _build()
-                except Exception as exc:  # no compiler, no ninja, a failed compile: all mean "not here"
-                    detail = str(exc).strip() or type(exc).__name__
-                    if len(detail) > 2000:  # a compiler log can be long; its end says what failed
-                        detail = "..." + detail[-2000:]
-                    _failure = f"building the C++ CPU kernels failed ({type(exc).__name__}: {detail})"
-    return _extension
+class ExtensionLoader:
+    """Builds (or loads) the extension once per process with ``build``, and remembers a failure's reason for the
+    whole process, with one warning when ``backend="auto"`` falls back to the reference because of it."""
+
+    def __init__(self, build: Callable[[], ModuleType] = build) -> None:
+        self.build = build
+        self.module: ModuleType | None = None
+        self.failure: str | None = None
+        self.warned = False
+        self._lock = threading.Lock()
+
+    def load(self) -> ModuleType | None:
+        if self.module is None and self.failure is None:
+            with self._lock:
+                if self.module is None and self.failure is None:
+                    try:
+                        self.module = self.build()
+                    except Exception as exc:  # no compiler, no ninja, a failed compile: all mean "not here"
+                        detail = str(exc).strip() or type(exc).__name__
+                        if len(detail) > 2000:  # a compiler log can be long; its end says what failed
+                            detail = "..." + detail[-2000:]
+                        self.failure = f"building the C++ CPU kernels failed ({type(exc).__name__}: {detail})"
+        return self.module
+
+
+#: The process's loader (tests put one with a failing ``build`` in its place).
+LOADER = ExtensionLoader()
 
 
 def unavailable_reason() -> str | None:
     """None when the C++ kernels are built (building them on first call), else why they cannot run."""
-    _extension_or_none()
-    return _failure
+    LOADER.load()
+    return LOADER.failure
 
 
 def extension() -> ModuleType:
     """The compiled extension; RuntimeError with the reason when it cannot be built."""
-    module = _extension_or_none()
+    module = LOADER.load()
     if module is None:
-        raise RuntimeError(_failure)
+        raise RuntimeError(LOADER.failure)
     return module
 
 
 def warn_fallback_once(reason: str) -> None:
     """The one warning per process when ``backend="auto"`` runs the reference on CPU tensors."""
-    global _warned
-    if not _warned:
-        _warned = True
+    if not LOADER.warned:
+        LOADER.warned = True
         warnings.warn(f"fusedoptim: {reason}; running the PyTorch reference path on CPU tensors instead "
                       "(slower). Install a C++ compiler and ninja, or pass backend='reference' to silence this.",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
 
 
 #: Elements per cache group of a two-pass step (csrc/multi_tensor.h, step_two_pass): pass A, finalize and pass B run
@@ -136,54 +149,86 @@ def warn_fallback_once(reason: str) -> None:
 CACHE_GROUP_ELEMENTS = 1 << 20
 
 
-def step(bucket: Any, active: tuple[int, ...], grads: list[torch.Tensor | None], hyper: tuple[float, ...],
-         flags: tuple[bool, ...], maximize: bool, rule_name: str, *, num_sums: int = 0, num_factors: int = 0,
-         sync_rate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One fused step over the tensors of ``bucket`` that have a gradient (steps already advanced).
+class CpuExecutor:
+    name = "cpu"
 
-    One call, ``<rule_name>_step``. A rule with per-tensor statistics (``num_sums`` > 0) runs pass A, its C++
-    finalize and pass B in it (by cache groups) and returns the fp32 [segments, num_sums] sums and [segments,
-    num_factors] factors (tensors, then the rows of tensors with rows: ``bucket.segments``; the factors of tensors
-    without a gradient are not written); it updates ``bucket.tensor_states`` of the tensors stepped. With
-    ``sync_rate`` (fp32[1]) Lookahead's sync runs inside the last pass on ``bucket.states["slow_param"]``.
+    def unavailable(self, rule: Rule, device: torch.device, dtype: torch.dtype, *, build: bool = True) -> str | None:
+        if rule.cpu is None:
+            return "this optimizer has no C++ kernel yet"
+        if device.type != "cpu":
+            return f"the C++ kernels run on CPU tensors, not {device}"
+        if dtype not in SUPPORTED_DTYPES:
+            return f"the C++ kernels support {[str(d) for d in SUPPORTED_DTYPES]} params, not {dtype}"
+        return unavailable_reason() if build else None
 
-    The call validates everything before it writes anything, so a failed step leaves params and states as they
-    were. Non-contiguous grads are read through a contiguous copy (grads are never written); non-contiguous params
-    are updated through a contiguous copy that is written back.
-    """
-    ext = extension()
-    params = [bucket.params[i] for i in active]
-    staged = [p if p.is_contiguous() else p.contiguous() for p in params]
-    args = (staged, [grads[i].contiguous() for i in active], [bucket.states[name] for name in bucket.rule_state_names],
-            [bucket.offsets[i] for i in active], bucket.steps, list(active), list(hyper), list(flags), maximize)
-    sync = (None, None) if sync_rate is None else (bucket.states["slow_param"], sync_rate)
-    tables = None
-    if not num_sums:
-        getattr(ext, f"{rule_name}_step")(*args, *sync)
-    else:
-        segments = bucket.segments
-        rows = [segments.row_lengths[i] or 0 for i in active]
-        first_row = [len(bucket.params) + segments.first_row[i] for i in active]
-        tables = (torch.empty(segments.num_segments, num_sums, dtype=torch.float32),  # every entry is written
-                  torch.empty(segments.num_segments, num_factors, dtype=torch.float32))
-        getattr(ext, f"{rule_name}_step")(*args, rows, first_row, *tables, list(bucket.tensor_states.values()),
-                                          CACHE_GROUP_ELEMENTS, *sync)
-    for p, s in zip(params, staged, strict=True):
-        if s is not p:
-            p.copy_(s)
-    return tables
+    warn_fallback_once = staticmethod(warn_fallback_once)
+
+    def prepare_bucket(self, bucket: Bucket) -> None:
+        pass  # non-contiguous params are updated through a contiguous copy
+
+    def step(self, run: Run) -> None:
+        """One call, ``<rule.cpu>_step``, over the tensors with a gradient. A rule with per-tensor statistics runs
+        pass A, its C++ finalize and pass B in it (by cache groups) and fills fp32 [segments, num_sums] sums and
+        [segments, num_factors] factors (tensors, then the rows of tensors with rows: ``bucket.segments``); it
+        updates ``bucket.tensor_states`` of the tensors stepped. With ``run.sync_rate`` Lookahead's sync runs
+        inside the last pass on ``bucket.states["slow_param"]``.
+
+        The call validates everything before it writes anything, so a failed step leaves params and states as they
+        were. Non-contiguous grads are read through a contiguous copy (grads are never written); non-contiguous
+        params are updated through a contiguous copy that is written back.
+        """
+        bucket, rule, active = run.bucket, run.rule, run.active
+        ext = extension()
+        params = [bucket.params[i] for i in active]
+        staged = [p if p.is_contiguous() else p.contiguous() for p in params]
+        args = (staged, [run.grads[i].contiguous() for i in active],
+                [bucket.states[name] for name in bucket.rule_state_names], [bucket.offsets[i] for i in active],
+                bucket.steps, list(active), list(run.hyper), list(run.flags), run.maximize)
+        sync = (None, None) if run.sync_rate is None else (bucket.states["slow_param"], run.sync_rate)
+        kernel = getattr(ext, f"{rule.cpu}_step")
+        if not rule.two_pass:
+            kernel(*args, *sync)
+        else:
+            segments = bucket.segments
+            rows = [segments.row_lengths[i] or 0 for i in active]
+            first_row = [len(bucket.params) + segments.first_row[i] for i in active]
+            sums = torch.empty(segments.num_segments, rule.num_sums, dtype=torch.float32)  # every entry is written
+            factors = torch.empty(segments.num_segments, len(rule.factor_names), dtype=torch.float32)
+            kernel(*args, rows, first_row, sums, factors, list(bucket.tensor_states.values()), CACHE_GROUP_ELEMENTS,
+                   *sync)
+        for p, s in zip(params, staged, strict=True):
+            if s is not p:
+                p.copy_(s)
+        if rule.two_pass:
+            self._keep_tables(run, sums, factors)
+
+    @staticmethod
+    def _keep_tables(run: Run, sums: torch.Tensor, factors: torch.Tensor) -> None:
+        """Keeps the step's sums and factors for ``last_factors``. The C++ finalize wrote the factors of the
+        tensors stepped; those of the others (and of their rows) are, as on the other paths, the shared
+        ``finalize`` of their zero sums."""
+        bucket = run.bucket
+        if len(run.active) < len(bucket.params):
+            segments = bucket.segments
+            tensors = bucket.active_mask(run.active) > 0
+            stepped = torch.cat([tensors, tensors[segments.row_tensor]])  # tensors, then each row as its tensor
+            others, _ = run.rule.finalize(sums, bucket.steps, segments, tuple(bucket.tensor_states.values()),
+                                          *run.hyper, *run.flags)
+            factors = torch.where(stepped[:, None], factors, others)
+        bucket.sums, bucket.factors = sums, factors
+
+    def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
+        """The same loop as a sync fused into a step's last pass (``keep_step``: the params are passed as grads and
+        never read), so the two agree bitwise."""
+        if not indices:
+            return
+        params = [bucket.params[i] for i in indices]
+        staged = [p if p.is_contiguous() else p.contiguous() for p in params]
+        extension().keep_step(staged, staged, [], [bucket.offsets[i] for i in indices], bucket.steps, list(indices),
+                              [], [], False, bucket.states["slow_param"], sync_rate)
+        for p, s in zip(params, staged, strict=True):
+            if s is not p:
+                p.copy_(s)
 
 
-def sync(bucket: Any, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
-    """Lookahead's sync of the listed tensors of a bucket on its own: slow ← slow + rate·(θ − slow); θ ← slow,
-    with the fp32 slow weights in ``bucket.states["slow_param"]``. The same loop as a sync fused into a step's
-    last pass (``keep_step``: the params are passed as grads and never read), so the two agree bitwise."""
-    if not indices:
-        return
-    params = [bucket.params[i] for i in indices]
-    staged = [p if p.is_contiguous() else p.contiguous() for p in params]
-    extension().keep_step(staged, staged, [], [bucket.offsets[i] for i in indices], bucket.steps, list(indices), [],
-                          [], False, bucket.states["slow_param"], sync_rate)
-    for p, s in zip(params, staged, strict=True):
-        if s is not p:
-            p.copy_(s)
+EXECUTOR = CpuExecutor()

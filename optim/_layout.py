@@ -1,9 +1,12 @@
-"""Flat multi-tensor layout: padded segment offsets and the chunk table, as plain host-side lists."""
+"""The flat multi-tensor layout: buckets and their flat state, padded segment offsets, the chunk table."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 #: Every tensor's segment in a flat state buffer starts at a multiple of this many elements (64 bytes
 #: of fp32), so segment starts are 16-byte aligned and the compiled kernel keeps 128-bit accesses.
@@ -67,3 +70,117 @@ def chunk_table(numels: Sequence[int], tensors: Sequence[int], block: int,
             table.segment_end[segment] = len(table.chunk_tensor)
         table.segment_end[t] = len(table.chunk_tensor)
     return table
+
+
+@dataclass(eq=False)
+class SegmentLayout:
+    """What finalize knows of a bucket: sums[s] is tensor s for s < T, then one row per row of each tensor with
+    rows (``row_lengths`` not None; AdamP's channel view), in tensor order."""
+
+    numels: torch.Tensor       # fp32[T]
+    row_lengths: list[int | None]
+    row_tensor: torch.Tensor   # int64[R]: the tensor of each row segment
+    first_row: list[int]       # host: index of tensor t's first row among the R rows
+    fan_in: torch.Tensor       # fp32[T]: row length of tensors with rows, 0 for the others
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.row_lengths) + self.row_tensor.numel()
+
+    @classmethod
+    def of(cls, params: Sequence[torch.Tensor], row_statistics: bool, device: torch.device) -> SegmentLayout:
+        row_lengths = [p.numel() // p.shape[0] if row_statistics and p.dim() > 1 and p.numel() else None
+                       for p in params]
+        row_tensor = [t for t, p in enumerate(params) if row_lengths[t] is not None for _ in range(p.shape[0])]
+        first_row = [0] * len(params)
+        for t in range(1, len(params)):
+            first_row[t] = first_row[t - 1] + (params[t - 1].shape[0] if row_lengths[t - 1] else 0)
+        return cls(torch.tensor([p.numel() for p in params], dtype=torch.float32).to(device), row_lengths,
+                   torch.tensor(row_tensor, dtype=torch.int64).to(device), first_row,
+                   torch.tensor([r or 0 for r in row_lengths], dtype=torch.float32).to(device))
+
+
+@dataclass(eq=False)
+class Bucket:
+    """The tensors of one param group that share a dtype, with their flat state (``FusedOptimizer.bucket_layout``).
+
+    ``states[name]`` is one flat buffer per state name (fp32 for fp32/bf16/fp16 params), holding tensor i's
+    segment at ``offsets[i]`` (a multiple of 16 elements); ``steps[i]`` is tensor i's step count.
+    ``optimizer.state[p][name]`` and ``optimizer.state[p]["step"]`` are views into these buffers. Rules with
+    per-tensor statistics add per-tensor scalar states (TAdam's ``W_t``), the segment layout finalize sees, and the
+    last step's per-segment ``sums`` and ``factors`` (device tensors: reading them never synchronises).
+    """
+
+    params: list[torch.Tensor]
+    dtype: torch.dtype
+    device: torch.device
+    executor: Any                      # the backend that steps it (optim/_backends.py)
+    state_names: tuple[str, ...]       # every flat buffer (the rule's states, then Lookahead's slow_param)
+    rule_state_names: tuple[str, ...]  # the ones the rule reads and writes
+    numels: list[int]
+    offsets: list[int]
+    states: dict[str, torch.Tensor]
+    steps: torch.Tensor
+    param_ptrs: list[int]
+    tensor_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    segments: SegmentLayout | None = None
+    sums: torch.Tensor | None = None
+    factors: torch.Tensor | None = None
+    tables: Any = None  # what the executor keeps per bucket (the Triton path: its device tables)
+    active_masks: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        return self.executor.name
+
+    def view(self, name: str, i: int) -> torch.Tensor:
+        """Tensor i's segment of state buffer ``name``, shaped like the param."""
+        return self.states[name][self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.params[i].shape)
+
+    def active_mask(self, active: tuple[int, ...]) -> torch.Tensor:
+        """fp32[T] on the bucket's device: 1 for the listed tensors, 0 for the others (cached per set)."""
+        mask = self.active_masks.get(active)
+        if mask is None:
+            host = torch.zeros(len(self.params), dtype=torch.float32)
+            host[list(active)] = 1.0
+            mask = self.active_masks[active] = host.to(self.device)
+            if len(self.active_masks) > 64:  # bound the cache when grad sets keep changing
+                self.active_masks.pop(next(iter(self.active_masks)))
+        return mask
+
+
+def build_bucket(params: list[torch.Tensor], executor: Any, rule: Any, names: tuple[str, ...],
+                 rule_names: tuple[str, ...]) -> Bucket:
+    """A bucket over ``params`` (one dtype, one device) with zeroed flat buffers for ``names``."""
+    dtype, device = params[0].dtype, params[0].device
+    numels = [p.numel() for p in params]
+    offsets, total = padded_offsets(numels)
+    states = {name: torch.zeros(total, dtype=rule.state_dtype(name, dtype), device=device) for name in names}
+    bucket = Bucket(params, dtype, device, executor, names, rule_names, numels, offsets, states,
+                    torch.zeros(len(params), dtype=torch.float32, device=device), [p.data_ptr() for p in params])
+    if rule.two_pass:
+        bucket.tensor_states = {name: torch.zeros(len(params), dtype=torch.float32, device=device)
+                                for name in rule.tensor_states}
+        bucket.segments = SegmentLayout.of(params, rule.row_statistics, device)
+    return bucket
+
+
+def adopt_state(bucket: Bucket, state: MutableMapping[torch.Tensor, dict[str, Any]]) -> None:
+    """Copy whatever ``state[p]`` holds (loaded, deep-copied, older buffers) into the bucket's flat buffers, then
+    make ``state[p]`` views into them. Never casts state down."""
+    for i, p in enumerate(bucket.params):
+        old = state.get(p, {})
+        if "step" in old:
+            bucket.steps[i] = old["step"] if isinstance(old["step"], torch.Tensor) else float(old["step"])
+        new = dict(old)
+        new["step"] = bucket.steps[i]
+        for name, values in bucket.tensor_states.items():
+            if name in old:
+                values[i] = old[name].reshape(()) if isinstance(old[name], torch.Tensor) else float(old[name])
+            new[name] = values[i]
+        for name in bucket.state_names:
+            view = bucket.view(name, i)
+            if name in old:
+                view.copy_(old[name].reshape(p.shape))
+            new[name] = view
+        state[p] = new

@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
+from ._rule import Rule
 from ._validation import check_betas, check_lr, check_non_negative
 
 
@@ -67,10 +70,9 @@ class AdaBelief(FusedOptimizer):
     State: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (s), and ``max_exp_avg_sq`` with ``amsgrad``.
     """
 
-    state_names = ("exp_avg", "exp_avg_sq")
-    kernel_rule = ("adabelief", "adabelief_update")
-    cpu_rule = "adabelief"
-    reference_update = staticmethod(adabelief_update)
+    rule = Rule(cpu="adabelief", states=("exp_avg", "exp_avg_sq"), optional_states=(("max_exp_avg_sq", "amsgrad"),),
+                reference=(adabelief_update,),
+                triton=None if kernels is None else (kernels.adabelief.adabelief_update,))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
@@ -82,9 +84,6 @@ class AdaBelief(FusedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend)
-
-    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return self.state_names + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]

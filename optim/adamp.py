@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
+from ._rule import TwoPassRule
 from ._validation import check_betas, check_lr, check_non_negative
 
 
@@ -118,15 +121,10 @@ class AdamP(FusedOptimizer):
     and per row: ``projection`` (the coefficient of θ removed from the update), ``decay``.
     """
 
-    state_names = ("exp_avg", "exp_avg_sq")
-    num_sums = 4
-    row_statistics = True
-    factor_names = ("projection", "decay")
-    prepare_writes_state, apply_writes_state = True, False
-    kernel_prepare, kernel_rule = ("adamp", "adamp_prepare"), ("adamp", "adamp_apply")
-    cpu_rule = "adamp"  # csrc/adamp.h: adamp_prepare, adamp_apply
-    reference_prepare, reference_update = staticmethod(adamp_prepare), staticmethod(adamp_apply)
-    finalize = staticmethod(adamp_finalize)
+    rule = TwoPassRule(cpu="adamp", states=("exp_avg", "exp_avg_sq"), optional_states=(("max_exp_avg_sq", "amsgrad"),),
+                       num_sums=4, finalize=adamp_finalize, factor_names=("projection", "decay"),
+                       row_statistics=True, reference=(adamp_prepare, adamp_apply),
+                       triton=None if kernels is None else (kernels.adamp.adamp_prepare, kernels.adamp.adamp_apply))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, delta: float = 0.1, *,
@@ -141,9 +139,6 @@ class AdamP(FusedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         delta=delta, wd_ratio=wd_ratio, nesterov=bool(nesterov), maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend)
-
-    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return self.state_names + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]

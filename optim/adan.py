@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
+from ._rule import Rule
 from ._validation import check_betas, check_lr, check_non_negative
 
 
@@ -78,12 +81,10 @@ class Adan(FusedOptimizer):
     a copy of the gradient, which that dtype holds exactly), and ``max_exp_avg_sq`` with ``amsgrad``.
     """
 
-    state_names = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
     # the previous gradient is a copy of a gradient: its own dtype holds it exactly (bf16 params: 34 B/param, not 38)
-    param_dtype_states = ("prev_grad",)
-    kernel_rule = ("adan", "adan_update")
-    cpu_rule = "adan"
-    reference_update = staticmethod(adan_update)
+    rule = Rule(cpu="adan", states=("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad"),
+                optional_states=(("max_exp_avg_sq", "amsgrad"),), param_dtype_states=("prev_grad",),
+                reference=(adan_update,), triton=None if kernels is None else (kernels.adan.adan_update,))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, no_prox: bool = False,
@@ -95,9 +96,6 @@ class Adan(FusedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         no_prox=bool(no_prox), maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend)
-
-    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return self.state_names + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2, beta3 = group["betas"]

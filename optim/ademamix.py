@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32, one_minus_exp
+from ._rule import Rule
 from ._validation import check_betas, check_lr, check_non_negative, check_warmup
 
 
@@ -67,10 +70,8 @@ class AdEMAMix(FusedOptimizer):
     State: ``step``, ``exp_avg`` (m1), ``exp_avg_sq`` (ν), ``exp_avg_slow`` (m2).
     """
 
-    state_names = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
-    kernel_rule = ("ademamix", "ademamix_update")
-    cpu_rule = "ademamix"
-    reference_update = staticmethod(ademamix_update)
+    rule = Rule(cpu="ademamix", states=("exp_avg", "exp_avg_sq", "exp_avg_slow"), reference=(ademamix_update,),
+                triton=None if kernels is None else (kernels.ademamix.ademamix_update,))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float, float] = (0.9, 0.999, 0.9999), alpha: float = 5.0, eps: float = 1e-8,

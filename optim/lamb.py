@@ -7,9 +7,12 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._kernels import kernels
 from ._math import bias_correction as correction  # `bias_correction` is LAMB's flag
 from ._math import fp32, log_fp32
+from ._rule import TwoPassRule
 from ._validation import check_betas, check_lr, check_non_negative, check_scale_clip
 
 
@@ -83,14 +86,9 @@ class LAMB(FusedOptimizer):
     State: ``step``, ``exp_avg``, ``exp_avg_sq``. Factors: ``trust_ratio``.
     """
 
-    state_names = ("exp_avg", "exp_avg_sq")
-    num_sums = 2
-    factor_names = ("trust_ratio",)
-    prepare_writes_state, apply_writes_state = True, False
-    kernel_prepare, kernel_rule = ("lamb", "lamb_prepare"), ("lamb", "lamb_apply")
-    cpu_rule = "lamb"  # csrc/lamb.h: lamb_prepare, lamb_apply
-    reference_prepare, reference_update = staticmethod(lamb_prepare), staticmethod(lamb_apply)
-    finalize = staticmethod(lamb_finalize)
+    rule = TwoPassRule(cpu="lamb", states=("exp_avg", "exp_avg_sq"), num_sums=2, finalize=lamb_finalize,
+                       factor_names=("trust_ratio",), reference=(lamb_prepare, lamb_apply),
+                       triton=None if kernels is None else (kernels.lamb.lamb_prepare, kernels.lamb.lamb_apply))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, scale_clip: tuple[float, float] | None = None, *,

@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._kernels import kernels
 from ._math import fp32
+from ._rule import TwoPassRule
 from ._validation import check_lr, check_non_negative, check_scale_clip
 
 
@@ -78,13 +81,10 @@ class LARS(FusedOptimizer):
     State: ``step``, and ``momentum_buffer`` when momentum ≠ 0. Factors: ``trust_ratio``.
     """
 
-    num_sums = 2
-    factor_names = ("trust_ratio",)
-    prepare_writes_state, apply_writes_state = False, True
-    kernel_prepare, kernel_rule = ("lars", "lars_prepare"), ("lars", "lars_apply")
-    cpu_rule = "lars"  # csrc/lars.h: lars_prepare, lars_apply
-    reference_prepare, reference_update = staticmethod(lars_prepare), staticmethod(lars_apply)
-    finalize = staticmethod(lars_finalize)
+    rule = TwoPassRule(cpu="lars", optional_states=(("momentum_buffer", "momentum"),), num_sums=2,
+                       finalize=lars_finalize, factor_names=("trust_ratio",), prepare_writes_state=False,
+                       apply_writes_state=True, reference=(lars_prepare, lars_apply),
+                       triton=None if kernels is None else (kernels.lars.lars_prepare, kernels.lars.lars_apply))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, scale_clip: tuple[float, float] | None = None,
@@ -100,9 +100,6 @@ class LARS(FusedOptimizer):
                         nesterov=bool(nesterov), scale_clip=check_scale_clip(scale_clip),
                         trust_coefficient=trust_coefficient, maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend)
-
-    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         lo, hi = group["scale_clip"]

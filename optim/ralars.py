@@ -10,8 +10,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
+from ._rule import TwoPassRule
 from ._validation import check_betas, check_lr, check_non_negative, check_scale_clip
 
 
@@ -109,14 +112,9 @@ class RaLars(FusedOptimizer):
     State: ``step``, ``exp_avg``, ``exp_avg_sq``. Factors: ``rectification``, ``trust_ratio``.
     """
 
-    state_names = ("exp_avg", "exp_avg_sq")
-    num_sums = 3
-    factor_names = ("rectification", "trust_ratio")
-    prepare_writes_state, apply_writes_state = True, False
-    kernel_prepare, kernel_rule = ("ralars", "ralars_prepare"), ("ralars", "ralars_apply")
-    cpu_rule = "ralars"  # csrc/ralars.h: ralars_prepare, ralars_apply
-    reference_prepare, reference_update = staticmethod(ralars_prepare), staticmethod(ralars_apply)
-    finalize = staticmethod(ralars_finalize)
+    rule = TwoPassRule(cpu="ralars", states=("exp_avg", "exp_avg_sq"), num_sums=3, finalize=ralars_finalize,
+                       factor_names=("rectification", "trust_ratio"), reference=(ralars_prepare, ralars_apply),
+                       triton=None if kernels is None else (kernels.ralars.ralars_prepare, kernels.ralars.ralars_apply))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, force_adaptive_momentum: bool = False,

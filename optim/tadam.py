@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch.optim.optimizer import ParamsT
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
+from ._rule import TwoPassRule
 from ._validation import check_betas, check_lr, check_non_negative
 
 
@@ -88,15 +91,11 @@ class TAdam(FusedOptimizer):
     ``amsgrad``. Factors: ``old_weight`` W/(W + w), ``new_weight`` w/(W + w).
     """
 
-    state_names = ("exp_avg", "exp_avg_sq")
-    tensor_state_names = ("W_t",)
-    num_sums = 1
-    factor_names = ("old_weight", "new_weight")
-    prepare_writes_state, apply_writes_state = False, True
-    kernel_prepare, kernel_rule = ("tadam", "tadam_prepare"), ("tadam", "tadam_apply")
-    cpu_rule = "tadam"  # csrc/tadam.h: tadam_prepare, tadam_apply
-    reference_prepare, reference_update = staticmethod(tadam_prepare), staticmethod(tadam_apply)
-    finalize = staticmethod(tadam_finalize)
+    rule = TwoPassRule(cpu="tadam", states=("exp_avg", "exp_avg_sq"), optional_states=(("max_exp_avg_sq", "amsgrad"),),
+                       num_sums=1, finalize=tadam_finalize, factor_names=("old_weight", "new_weight"),
+                       tensor_states=("W_t",), prepare_writes_state=False, apply_writes_state=True,
+                       reference=(tadam_prepare, tadam_apply),
+                       triton=None if kernels is None else (kernels.tadam.tadam_prepare, kernels.tadam.tadam_apply))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, dof: float | None = None, *,
@@ -112,9 +111,6 @@ class TAdam(FusedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         dof=dof, maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend)
-
-    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return self.state_names + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]

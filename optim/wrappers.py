@@ -12,6 +12,7 @@ per bucket (the C++ loop on CPU, the reference for fp64 or without a compiler).
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -19,20 +20,18 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ._base import Backend, FusedOptimizer
+from ._backends import Backend
+from ._base import FusedOptimizer
+from ._rule import SYNC_PASS, SYNC_RULE
 from ._validation import check_non_negative
 
-
-def _keep(param, grad, state, step):
-    return param, state
+__all__ = ["SYNC_PASS", "Lookahead", "Scout"]  # SYNC_PASS: the Triton launch of a sync on its own
 
 
 class _SlowWeights(FusedOptimizer):
     """Holds the slow weights of a wrapper whose base is not a fusedoptim optimizer; never steps itself."""
 
-    kernel_rule = ("lookahead", "keep")
-    cpu_rule = "keep"  # csrc/lookahead.h: on CPU the sync is the C++ loop (keep_step with the slow weights)
-    reference_update = staticmethod(_keep)
+    rule = SYNC_RULE  # on CPU the sync is the C++ loop of csrc/lookahead.h (keep_step with the slow weights)
 
     def __init__(self, base_optimizer: Optimizer, backend: Backend) -> None:
         super().__init__([{"params": list(g["params"])} for g in base_optimizer.param_groups], {"maximize": False},
@@ -85,6 +84,12 @@ class _SyncWrapper(Optimizer):
         the base is a fusedoptim optimizer)."""
         return self._holder.state
 
+    @property
+    def slow_weights(self) -> FusedOptimizer:
+        """The fusedoptim optimizer whose flat buffers hold the slow weights: the base itself when it is one (the
+        sync then runs inside its last pass), else an internal one that only syncs."""
+        return self._holder
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base_optimizer.add_param_group(param_group)
         if self._holder is not self.base_optimizer:
@@ -117,12 +122,8 @@ class _SyncWrapper(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Step the base optimizer and synchronise the slow weights every ``sync_period`` steps."""
         fused_rate = self._sync_rate() if (self.fast_steps + 1) % self.sync_period == 0 else None
-        if fused_rate is not None:
-            self._holder.request_sync(fused_rate)
-        try:
+        with self._holder.fused_sync(fused_rate) if fused_rate is not None else contextlib.nullcontext():
             loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()
-        finally:
-            self._holder._pending_sync = None
         self.fast_steps += 1
         if fused_rate is None:
             self._after_base_step()
@@ -271,19 +272,18 @@ class Scout(_SyncWrapper):
         super().__init__(base_optimizer, sync_rate, sync_period, min_period=2, fused_sync=False, backend=backend)
         self._snapshots: dict[torch.Tensor, torch.Tensor] = {}
 
-    def _snapshot_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        """Tensor p's ring of ``sync_period`` fast-weight snapshots: a [k, *shape] view into one flat
+    def snapshots(self, p: torch.Tensor) -> torch.Tensor:
+        """Param p's ring of ``sync_period`` fast-weight snapshots: a [k, *shape] view into one flat
         [k, total] fp32 buffer per bucket of the slow weights, allocated once."""
         buffer = self._snapshots.get(p)
         if buffer is None:
-            for group in self._holder.param_groups:
-                for bucket in self._holder._buckets(group):
-                    slow = bucket.states["slow_param"]
-                    flat = slow.new_zeros((self.sync_period, slow.numel()))
-                    for i, q in enumerate(bucket.params):
-                        if q not in self._snapshots:
-                            segment = flat[:, bucket.offsets[i]:bucket.offsets[i] + bucket.numels[i]]
-                            self._snapshots[q] = segment.view(self.sync_period, *q.shape)
+            for bucket in self._holder.bucket_layout():
+                slow = bucket.states["slow_param"]
+                flat = slow.new_zeros((self.sync_period, slow.numel()))
+                for i, q in enumerate(bucket.params):
+                    if q not in self._snapshots:
+                        segment = flat[:, bucket.offsets[i]:bucket.offsets[i] + bucket.numels[i]]
+                        self._snapshots[q] = segment.view(self.sync_period, *q.shape)
             buffer = self._snapshots[p]
         return buffer
 
@@ -291,16 +291,16 @@ class Scout(_SyncWrapper):
         slot = (self.fast_steps - 1) % self.sync_period
         with torch.no_grad():
             for p in self._params():
-                self._snapshot_buffer(p)[slot].copy_(p)
+                self.snapshots(p)[slot].copy_(p)
         if self.fast_steps % self.sync_period == 0:
             self._holder.sync_now(self.last_rate())  # after the step: the rate needs its result
 
     def _wrapper_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {**super()._wrapper_state(p), "snapshots": self._snapshot_buffer(p)}
+        return {**super()._wrapper_state(p), "snapshots": self.snapshots(p)}
 
     def _load_wrapper_state(self, p: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
         super()._load_wrapper_state(p, saved)
-        self._snapshot_buffer(p).copy_(saved["snapshots"])
+        self.snapshots(p).copy_(saved["snapshots"])
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_snapshots": self._snapshots}
@@ -310,7 +310,7 @@ class Scout(_SyncWrapper):
         """The rate the current ring buffer gives (a 0-d device tensor)."""
         coherences, counted = [], []
         for p in self._params():
-            history = torch.cat([self.state[p]["slow_param"].unsqueeze(0), self._snapshot_buffer(p)])
+            history = torch.cat([self.state[p]["slow_param"].unsqueeze(0), self.snapshots(p)])
             updates = (history[1:] - history[:-1]).reshape(self.sync_period, -1)
             deviation = (updates - updates.mean(0)).abs().amax(0)
             varies = deviation > 0

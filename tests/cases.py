@@ -101,7 +101,7 @@ def case_backends(backends: list[str], triton_cases: list[Case] | None = None) -
     import pytest
 
     return [pytest.param(case, backend, id=f"{case.name}-{backend}") for case in CASES for backend in backends
-            if not (backend == "cpu" and case.cls.cpu_rule is None)
+            if not (backend == "cpu" and case.cls.rule.cpu is None)
             and not (backend == "triton" and triton_cases is not None and case not in triton_cases)]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -5,6 +5,7 @@ Parity with the reference over every registry case, profile and dtype is in test
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -21,19 +22,16 @@ def no_compiler(monkeypatch):
     def fail():
         raise RuntimeError("g++: command not found")
 
-    monkeypatch.setattr(_cpu, "_build", fail)
-    monkeypatch.setattr(_cpu, "_extension", None)
-    monkeypatch.setattr(_cpu, "_failure", None)
-    monkeypatch.setattr(_cpu, "_warned", False)
+    monkeypatch.setattr(_cpu, "LOADER", _cpu.ExtensionLoader(build=fail))
 
 
 def _backends(opt):
-    return [b.backend for group in opt.param_groups for b in opt._buckets(group)]
+    return [b.backend for b in opt.bucket_layout()]
 
 
 def test_sources_are_found_from_the_installed_package():
     src = _cpu.sources_dir()
-    for name in _cpu._SOURCES + _cpu._HEADERS:
+    for name in _cpu.SOURCES + _cpu.HEADERS:
         assert (src / name).is_file(), name
 
 
@@ -94,7 +92,7 @@ def test_cpu_backend_rejects_what_it_cannot_run():
 class NoCppRule(AdaBelief):
     """An optimizer without a C++ rule (all of fusedoptim's have one)."""
 
-    cpu_rule = None
+    rule = dataclasses.replace(AdaBelief.rule, cpu=None)
 
 
 def _big_profile(dtype, gen):
@@ -143,7 +141,7 @@ def test_threads_split_tensors_and_match_reference_and_one_thread(case, dtype):
                 opt.step()
             # rules with per-tensor statistics: pass A's sums (per tensor, and per row for AdamP) and the factors
             two, one, grouped = (_tables(opts[name]) for name in ("threads", "one_thread", "groups"))
-            assert (two is None) == (case.cls.num_sums == 0)
+            assert (two is None) == (not case.cls.rule.two_pass)
             if two is not None:
                 for other, tables in (("threads", one), ("cache groups", grouped)):  # bitwise; TAdam's factors
                     for a, b in zip(two, tables, strict=True):  # of the empty tensors: 0/0 (ν = d = 0)
@@ -172,11 +170,11 @@ def test_threads_split_tensors_and_match_reference_and_one_thread(case, dtype):
 
 def _tables(opt):
     """The last step's sums and factors of every bucket, each concatenated (None for elementwise rules)."""
-    buckets = [b for group in opt.param_groups for b in opt._buckets(group) if b.sums is not None]
+    buckets = [b for b in opt.bucket_layout() if b.sums is not None]
     return (torch.cat([b.sums for b in buckets]), torch.cat([b.factors for b in buckets])) if buckets else None
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.cls.num_sums], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.cls.rule.two_pass], ids=lambda c: c.name)
 def test_cpp_finalize_is_the_shared_finalize(case):
     """The C++ step's finalize (csrc/<name>.h) is the shared ``finalize`` of fusedoptim/<name>.py that the Triton
     and reference paths run: given the step's own sums, both give the same factors and per-tensor states (TAdam's
@@ -187,15 +185,15 @@ def test_cpp_finalize_is_the_shared_finalize(case):
     shapes = [(70001,), (3,), (257, 129), (1,), (33, 31), (64, 3, 3, 3), (512,)]
     params = [torch.randn(s, generator=gen) for s in shapes]
     opt = case.make(params, backend="cpu")
-    (bucket,) = opt._buckets(opt.param_groups[0])
+    (bucket,) = opt.bucket_layout()
     for step in range(1, 6):
         for i, p in enumerate(params):
             p.grad = None if (step == 3 and i == 2) else torch.randn(p.shape, generator=gen) * (i != 4 or step != 2)
         before = tuple(s.clone() for s in bucket.tensor_states.values())
         opt.step()
         group = opt.param_groups[0]
-        factors, states = type(opt).finalize(bucket.sums, bucket.steps, bucket.segments, before,
-                                             *opt._hyper(group), *opt._flags(group))
+        hyper, flags = opt.group_scalars(group)
+        factors, states = opt.rule.finalize(bucket.sums, bucket.steps, bucket.segments, before, *hyper, *flags)
         torch.testing.assert_close(bucket.factors, factors, rtol=1e-6, atol=0, msg=lambda m, s=step: f"step {s}: {m}")
         stepped = torch.tensor([p.grad is not None for p in params])
         for new, old, cpp in zip(states, before, bucket.tensor_states.values(), strict=True):
@@ -239,7 +237,7 @@ def test_kernel_validates_everything_before_writing():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", [c for c in CASES if c.cls.cpu_rule], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.cls.rule.cpu], ids=lambda c: c.name)
 def test_low_precision_params_round_like_torch(case, dtype):
     """bf16/fp16 params: the kernel's own loads and stores are exact. The same step on fp32 copies of the params
     (same grads) must give, rounded by torch, bitwise the low-precision result, and bitwise the same states.
@@ -381,7 +379,7 @@ def test_sync_of_a_torch_base_runs_the_cpp_sync():
                 opt.step()
             results[wrapper, backend] = (params, opt)
         (a, oa), (b, ob) = results[wrapper, "auto"], results[wrapper, "reference"]
-        assert set(_backends(oa._holder)) == {"cpu"} and set(_backends(ob._holder)) == {"reference"}
+        assert set(_backends(oa.slow_weights)) == {"cpu"} and set(_backends(ob.slow_weights)) == {"reference"}
         assert not a[-1].is_contiguous()
         for p, q in zip(a, b, strict=True):
             if p.dtype == torch.float32:  # the same torch SGD steps; only the sync differs

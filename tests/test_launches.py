@@ -18,7 +18,7 @@ def _launches_per_step(opt, params, steps=2):
     return (LAUNCH_COUNTS["multi_tensor_step_kernel"] - before) / steps
 
 
-ELEMENTWISE_FIRST_CASES = [case for case in FIRST_CASES if not case.cls.num_sums]
+ELEMENTWISE_FIRST_CASES = [case for case in FIRST_CASES if not case.cls.rule.two_pass]
 
 
 @pytest.mark.parametrize("case", ELEMENTWISE_FIRST_CASES, ids=lambda c: c.name)

@@ -13,7 +13,7 @@ from fusedoptim import LAMB, LARS, AdamP, RaLars, TAdam
 from fusedoptim.kernels import LAUNCH_COUNTS
 
 BACKENDS = ["reference", "triton"]
-LAYERWISE = [c for c in CASES if c.cls.num_sums]
+LAYERWISE = [c for c in CASES if c.cls.rule.two_pass]
 
 
 def _one_step(opt_cls, theta, grad, backend, **kwargs):
@@ -131,7 +131,7 @@ def test_fused_runs_are_bitwise_identical(case):
     assert all(torch.equal(x, y) for x, y in zip(fa, fb, strict=True))
 
 
-@pytest.mark.parametrize("case", [c for c in FIRST_CASES if c.cls.num_sums], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in FIRST_CASES if c.cls.rule.two_pass], ids=lambda c: c.name)
 def test_at_most_three_launches_whatever_the_tensor_count(case):
     counts = {}
     for n in (10, 1000):

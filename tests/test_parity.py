@@ -36,7 +36,7 @@ _SCALE_CASES = FIRST_CASES
 RUNS = [("triton", case, profile, STEPS) for case in CASES for profile in PROFILES if profile != "many_small"]
 RUNS += [("triton", case, "many_small", 3) for case in _SCALE_CASES]
 # The C++ kernels take milliseconds, not seconds: every case on every profile.
-RUNS += [("cpu", case, profile, STEPS) for case in CASES for profile in PROFILES if case.cls.cpu_rule]
+RUNS += [("cpu", case, profile, STEPS) for case in CASES for profile in PROFILES if case.cls.rule.cpu]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

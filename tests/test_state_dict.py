@@ -44,7 +44,7 @@ def test_save_load_continue_is_identical(case, backend, dtype):
     _, fresh = _run(case, backend, dtype, 0, start_params=fresh_params, state=saved["optim"])
     for p in fresh_params:  # loaded state is visible at once, fp32 whatever the param dtype (a grad copy: its dtype)
         for name, value in fresh.state[p].items():
-            assert value.dtype == (p.dtype if name in fresh.param_dtype_states else torch.float32), name
+            assert value.dtype == (p.dtype if name in fresh.rule.param_dtype_states else torch.float32), name
     _steps(fresh, fresh_params, dtype, k, n)
     for a, b in zip(params, fresh_params, strict=True):
         assert torch.equal(a, b)
@@ -64,7 +64,7 @@ def test_state_dict_has_torch_format_and_views():
     assert sd["state"][0]["step"].item() == 1.0
     assert sd["state"][0]["exp_avg"].shape == (10,)
     # the state tensors are views of the flat buffers: writing the flat buffer shows through
-    (bucket,) = opt._buckets(opt.param_groups[0])
+    (bucket,) = opt.bucket_layout()
     bucket.states["exp_avg"].fill_(7.0)
     assert torch.equal(opt.state[p]["exp_avg"], torch.full((10,), 7.0))
 

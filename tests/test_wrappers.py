@@ -154,8 +154,8 @@ def test_scout_frozen_entry_and_validation():
         assert torch.isfinite(p).all() and torch.isfinite(frozen).all()
     assert torch.isfinite(opt.last_rate())
     # the k snapshots of all params: one preallocated flat ring buffer per bucket
-    storages = {opt._snapshot_buffer(q).untyped_storage().data_ptr() for q in (p, frozen)}
-    assert len(storages) == 1 and opt._snapshot_buffer(frozen).shape == (3, 4)
+    storages = {opt.snapshots(q).untyped_storage().data_ptr() for q in (p, frozen)}
+    assert len(storages) == 1 and opt.snapshots(frozen).shape == (3, 4)
 
 
 def test_scout_rate_is_holocrons_statistic():
@@ -178,7 +178,7 @@ def test_scout_rate_is_holocrons_statistic():
         h.append(p.clone())
     opt.fast_steps += 1
     for p in params:
-        opt._snapshot_buffer(p)[k - 1].copy_(p)
+        opt.snapshots(p)[k - 1].copy_(p)
     coherence = []
     for h in history:
         stack = torch.stack(h)

@@ -1,0 +1,92 @@
+"""The backends: one executor each (``_reference.py``, ``_triton.py``, ``_cpu.py``) behind one interface.
+
+The optimizer validates a step, picks an executor per bucket once (when the bucket is laid out), and calls it;
+an executor knows how to run a rule over a bucket, and nothing about param groups or state dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from ._layout import Bucket
+    from ._rule import Rule
+
+Backend = Literal["auto", "triton", "cpu", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "cpu", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run these params here; the message says why."""
+
+
+@dataclass
+class Run:
+    """One bucket's work in one step: the tensors with a gradient (``active``), their grads, the group's runtime
+    scalars and structural flags, and Lookahead's sync rate (fp32[1] on the params' device) when the step ends
+    with a sync."""
+
+    bucket: Bucket
+    rule: Rule
+    active: tuple[int, ...]
+    grads: list[torch.Tensor | None]
+    hyper: tuple[float, ...]
+    flags: tuple[bool, ...]
+    maximize: bool
+    sync_rate: torch.Tensor | None = None
+
+
+class Executor(Protocol):
+    """What every backend provides."""
+
+    name: str
+
+    def unavailable(self, rule: Rule, device: torch.device, dtype: torch.dtype, *, build: bool = True) -> str | None:
+        """None when it can run ``rule`` on params of ``device`` and ``dtype``, else why not. ``build=False``
+        answers from what is known without building anything (the C++ extension is built at the first step)."""
+
+    def prepare_bucket(self, bucket: Bucket) -> None:
+        """Check that the bucket's params suit the backend (ValueError if not), before any state is adopted."""
+
+    def step(self, run: Run) -> None:
+        """Every pass of one step over the bucket (steps already advanced): params and states updated, and for a
+        two-pass rule ``bucket.sums`` / ``bucket.factors`` and the per-tensor states; with ``run.sync_rate``,
+        Lookahead's sync of the tensors stepped."""
+
+    def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
+        """Lookahead's sync of the listed tensors: slow ← slow + rate·(θ − slow); θ ← slow."""
+
+
+def executor(name: str) -> Executor:
+    """The executor of backend ``name`` ("reference", "triton" or "cpu")."""
+    from . import _cpu, _reference, _triton
+
+    return {"reference": _reference.EXECUTOR, "triton": _triton.EXECUTOR, "cpu": _cpu.EXECUTOR}[name]
+
+
+def select(backend: str, rule: Rule, device: torch.device, dtype: torch.dtype, owner: str, *,
+           build: bool = True) -> Executor:
+    """The executor that runs ``rule`` for params of ``device`` and ``dtype`` under ``backend``.
+
+    auto: CUDA tensors run the Triton kernels; CPU tensors the C++ kernels, or the reference (one warning per
+    process) when they cannot be built; what neither supports (fp64) runs the reference. A named backend that
+    cannot run raises BackendUnavailable, naming ``owner`` and the reason.
+    """
+    if backend != "auto":
+        chosen = executor(backend)
+        reason = chosen.unavailable(rule, device, dtype, build=build)
+        if reason is not None:
+            raise BackendUnavailable(f"{owner}(backend={backend!r}) cannot run here: {reason}")
+        return chosen
+    triton, cpu = executor("triton"), executor("cpu")
+    if device.type == "cuda" and triton.unavailable(rule, device, dtype) is None:
+        return triton
+    if device.type == "cpu" and cpu.unavailable(rule, device, dtype, build=False) is None:
+        reason = cpu.unavailable(rule, device, dtype)
+        if reason is None:
+            return cpu
+        cpu.warn_fallback_once(reason)
+    return executor("reference")

@@ -1,0 +1,85 @@
+"""The reference backend: each rule's torch form (``optim/<name>.py``), tensor by tensor, in fp32 (fp64 for fp64
+params). It runs what no kernel supports (fp64 params), stands in when the C++ kernels cannot be built, and is the
+oracle every other backend is tested against."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ._backends import Run
+    from ._layout import Bucket
+    from ._rule import Rule
+
+
+class ReferenceExecutor:
+    name = "reference"
+
+    def unavailable(self, rule: Rule, device: torch.device, dtype: torch.dtype, *, build: bool = True) -> None:
+        return None  # torch runs anywhere
+
+    def prepare_bucket(self, bucket: Bucket) -> None:
+        pass
+
+    def step(self, run: Run) -> None:
+        factors = run.rule.finalize_run(run, self._prepare(run)) if run.rule.two_pass else None
+        self._apply(run, factors)
+        if run.sync_rate is not None:
+            self.sync(run.bucket, run.active, run.sync_rate)
+
+    def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
+        for i in indices:
+            p, slow = bucket.params[i], bucket.view("slow_param", i)
+            slow.lerp_(p.detach().to(slow.dtype), sync_rate.to(slow.dtype).reshape(()))
+            p.copy_(slow)
+
+    @staticmethod
+    def _inputs(run: Run, i: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        bucket = run.bucket
+        dtype = torch.promote_types(bucket.dtype, torch.float32)
+        grad = run.grads[i].to(dtype)
+        return (bucket.params[i].detach().to(dtype), -grad if run.maximize else grad,
+                tuple(bucket.view(name, i) for name in bucket.rule_state_names))
+
+    def _prepare(self, run: Run) -> torch.Tensor:
+        bucket, rule, segments = run.bucket, run.rule, run.bucket.segments
+        prepare = rule.reference[0]
+        sums = torch.zeros(segments.num_segments, rule.num_sums, dtype=torch.float32, device=bucket.device)
+        for i in run.active:
+            param, grad, state = self._inputs(run, i)
+            new_state, terms = prepare(param, grad, state, bucket.steps[i], *run.hyper, *run.flags)
+            if rule.prepare_writes_state:
+                for old, new in zip(state, new_state, strict=True):
+                    old.copy_(new)
+            sums[i] = torch.stack([term.sum(dtype=torch.float32) for term in terms])
+            row_length = segments.row_lengths[i]
+            if row_length is not None:
+                first = len(bucket.params) + segments.first_row[i]
+                rows = torch.stack([term.reshape(-1, row_length).sum(1, dtype=torch.float32) for term in terms], 1)
+                sums[first:first + rows.shape[0]] = rows
+        return sums
+
+    def _apply(self, run: Run, factors: torch.Tensor | None) -> None:
+        bucket, segments = run.bucket, run.bucket.segments
+        update = run.rule.reference[-1]
+        for i in run.active:
+            param, grad, state = self._inputs(run, i)
+            shape, views = param.shape, state
+            if factors is None:
+                tensor_factors = ()
+            elif segments.row_lengths[i] is None:
+                tensor_factors = tuple(factors[i])
+            else:  # per-row factors: the rule sees the tensor as [rows, row_length] and factors as [rows, 1]
+                first = len(bucket.params) + segments.first_row[i]
+                tensor_factors = tuple(factors[first:first + shape[0]].T[:, :, None])
+                param, grad = param.reshape(shape[0], -1), grad.reshape(shape[0], -1)
+                state = tuple(s.reshape(shape[0], -1) for s in state)
+            param, new_state = update(param, grad, state, bucket.steps[i], *tensor_factors, *run.hyper, *run.flags)
+            bucket.params[i].copy_(param.reshape(shape))
+            for old, new in zip(views, new_state, strict=True):
+                old.copy_(new.reshape(shape))
+
+
+EXECUTOR = ReferenceExecutor()
