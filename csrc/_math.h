@@ -1,4 +1,4 @@
-// Scalar helpers shared by the C++ rules: the mirror of kernels/_math.py and fusedoptim/_math.py.
+// Scalar helpers shared by the C++ rules: the mirror of kernels/_math.py and optim/_math.py.
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,5 @@
 // AdaBelief rule (Zhuang et al., 2020, https://arxiv.org/abs/2010.07468): kernels/adabelief.py in C++.
-// Reference: fusedoptim/adabelief.py. The constructor takes (step, *hyper) and computes the per-tensor scalars
+// Reference: optim/adabelief.py. The constructor takes (step, *hyper) and computes the per-tensor scalars
 // once; operator() is the elementwise part on fp32 values, line for line the Triton rule.
 #pragma once
 

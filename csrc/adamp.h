@@ -1,5 +1,5 @@
 // AdamP rules (Heo et al., 2021, https://arxiv.org/abs/2006.08217; official clovaai/AdamP): kernels/adamp.py in
-// C++. Reference: fusedoptim/adamp.py. The constructor takes (step, *hyper) and computes the per-tensor scalars
+// C++. Reference: optim/adamp.py. The constructor takes (step, *hyper) and computes the per-tensor scalars
 // once; prepare() is pass A (writes the moments, returns the terms of the per-tensor and per-row sums), finalize()
 // adamp_finalize (the projection decision), apply() pass B (takes the projection coefficient and the decay of the
 // tensor, or of the row for params with ndim > 1).

@@ -1,5 +1,5 @@
 // Adan rule (Xie et al., 2022, https://arxiv.org/abs/2208.06677; official sail-sg/Adan): kernels/adan.py in C++.
-// Reference: fusedoptim/adan.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
+// Reference: optim/adan.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
 // operator() is the elementwise part on fp32 values, line for line the Triton rule.
 #pragma once
 

@@ -1,5 +1,5 @@
 // AdEMAMix rule (Pagliardini et al., 2024, https://arxiv.org/abs/2409.03137): kernels/ademamix.py in C++.
-// Reference: fusedoptim/ademamix.py. The constructor takes (step, *hyper) and computes the per-tensor scalars
+// Reference: optim/ademamix.py. The constructor takes (step, *hyper) and computes the per-tensor scalars
 // (bias corrections and both warm-ups) once; operator() is the elementwise part, line for line the Triton rule.
 #pragma once
 

@@ -1,5 +1,5 @@
 // What a two-pass rule's finalize sees of one tensor. Rule::finalize (csrc/<name>.h) is the C++ counterpart of
-// <name>_finalize in fusedoptim/<name>.py, line for line (the same ops, in the same precision and order), run for
+// <name>_finalize in optim/<name>.py, line for line (the same ops, in the same precision and order), run for
 // each tensor between its pass A and its pass B (multi_tensor.h: step_two_pass).
 #pragma once
 

@@ -1,4 +1,4 @@
-// Python bindings of the fused CPU kernels (fusedoptim/_cpu.py calls them). Built just in time by
+// Python bindings of the fused CPU kernels (optim/_cpu.py calls them). Built just in time by
 // torch.utils.cpp_extension.load. Every function takes the same bucket arguments:
 //   <elementwise rule>_step(params, grads, states, offsets, steps, index, hyper, flags, maximize, slow, sync_rate)
 //   <two-pass rule>_step(..., maximize, row_lengths, first_row, sums, factors, tensor_states, cache_group, slow,

@@ -1,5 +1,5 @@
 // LAMB rules (You et al., 2019, https://arxiv.org/abs/1904.00962, Alg. 2): kernels/lamb.py in C++.
-// Reference: fusedoptim/lamb.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
+// Reference: optim/lamb.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
 // prepare() is pass A (writes the moments, returns the sum terms), finalize() lamb_finalize (the trust ratio),
 // apply() pass B (takes the trust ratio).
 #pragma once

@@ -1,5 +1,5 @@
 // LARS rules (You et al., 2017, https://arxiv.org/abs/1708.03888, Alg. 1): kernels/lars.py in C++.
-// Reference: fusedoptim/lars.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
+// Reference: optim/lars.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
 // prepare() is pass A (returns the sum terms), finalize() lars_finalize (the trust ratio from the sums), apply()
 // pass B (takes the trust ratio), line for line the Triton rules and the Python finalize.
 #pragma once

@@ -514,12 +514,12 @@ void prepare_chunks(const BucketArgs& a, const Prepared<Rule>& t, const std::vec
 // on the groups (nor on the threads: bitwise, tested); the fp32 sums go into a.sums (0 for tensors without a
 // gradient) and the factors of the tensors stepped into a.factors.
 //
-// Why groups, and why the finalize is C++ (csrc/<name>.h, the same computation as fusedoptim/<name>.py's):
+// Why groups, and why the finalize is C++ (csrc/<name>.h, the same computation as optim/<name>.py's):
 // measured in one run (ResNet-50, 2 threads, Zen 4, in turns in one process), LARS's step took 18.9 ms as pass A
 // over all tensors, the torch finalize, then pass B, against 15.5 ms for torch's fused AdamW (same 28 B/param):
 // 0.82x its GB/s. Pass A streams 200-400 MB through a 32 MB L3, so pass B reads everything from DRAM again; in
-// groups of <= 1 M elements it took 14.3 ms (1.09x; more runs in csrc/README.md). With the torch finalize per group
-// (two tries, csrc/README.md), each group cost about 100 us of torch ops and whole steps came out slower.
+// groups of <= 1 M elements it took 14.3 ms (1.09x). With the torch finalize per group (two tries), each group cost
+// about 100 us of torch ops and whole steps came out slower (csrc/README.md; more runs in docs/notes/cpu-kernels.md).
 template <typename Rule, typename param_t, bool sync>
 void step_two_pass(const BucketArgs& a) {
   constexpr int K = Rule::num_sums, F = Rule::num_factors;

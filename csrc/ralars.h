@@ -1,5 +1,5 @@
 // RaLars rules (holocron: RAdam moments, Liu et al., 2019, with a LAMB trust ratio): kernels/ralars.py in C++.
-// Reference: fusedoptim/ralars.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
+// Reference: optim/ralars.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
 // prepare() is pass A (writes the moments, returns the sum terms), finalize() ralars_finalize (r_t and the trust
 // ratio), apply() pass B (takes them).
 #pragma once

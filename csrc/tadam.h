@@ -1,5 +1,5 @@
 // TAdam rules (Ilboudo et al., 2020, https://arxiv.org/abs/2003.00179): kernels/tadam.py in C++.
-// Reference: fusedoptim/tadam.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
+// Reference: optim/tadam.py. The constructor takes (step, *hyper) and computes the per-tensor scalars once;
 // prepare() is pass A (the terms of Σ(g − m)²/(v + ε), state untouched), finalize() tadam_finalize (the weights
 // of m, and W_t), apply() pass B (takes the weights of m).
 #pragma once

@@ -16,7 +16,7 @@ deterministic segment sum:
   of NUM_SUMS elementwise blocks; the template sums each over the chunk into ``partials[chunk, k]``;
 - ``segment_sum_kernel``: ``sums[t, k]`` = the partials of tensor t's chunks added in chunk order (no
   atomics: two runs are bitwise equal);
-- ``finalize`` (plain torch, in ``fusedoptim/<name>.py``): ``sums`` -> per-tensor ``factors[t, f]``;
+- ``finalize`` (plain torch, in ``optim/<name>.py``): ``sums`` -> per-tensor ``factors[t, f]``;
 - pass B, ``apply(param, grad, state, step, *factors, *hyper, *flags) -> (param, state)``.
 
 With SYNC, the last pass also performs Lookahead's synchronisation on the fast weights it just computed:

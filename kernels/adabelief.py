@@ -1,4 +1,4 @@
-"""AdaBelief rule (Zhuang et al., 2020, https://arxiv.org/abs/2010.07468). Reference: fusedoptim/adabelief.py."""
+"""AdaBelief rule (Zhuang et al., 2020, https://arxiv.org/abs/2010.07468). Reference: optim/adabelief.py."""
 
 import triton
 import triton.language as tl

@@ -1,6 +1,6 @@
 """AdamP rules (Heo et al., 2021, https://arxiv.org/abs/2006.08217; official clovaai/AdamP).
 
-Reference: fusedoptim/adamp.py.
+Reference: optim/adamp.py.
 """
 
 import triton

@@ -1,6 +1,6 @@
 """Adan rule (Xie et al., 2022, https://arxiv.org/abs/2208.06677; official sail-sg/Adan).
 
-Reference: fusedoptim/adan.py.
+Reference: optim/adan.py.
 """
 
 import triton

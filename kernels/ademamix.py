@@ -1,4 +1,4 @@
-"""AdEMAMix rule (Pagliardini et al., 2024, https://arxiv.org/abs/2409.03137). Reference: fusedoptim/ademamix.py."""
+"""AdEMAMix rule (Pagliardini et al., 2024, https://arxiv.org/abs/2409.03137). Reference: optim/ademamix.py."""
 
 import triton
 import triton.language as tl

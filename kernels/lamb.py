@@ -1,4 +1,4 @@
-"""LAMB rules (You et al., 2019, https://arxiv.org/abs/1904.00962, Alg. 2). Reference: fusedoptim/lamb.py."""
+"""LAMB rules (You et al., 2019, https://arxiv.org/abs/1904.00962, Alg. 2). Reference: optim/lamb.py."""
 
 import triton
 import triton.language as tl

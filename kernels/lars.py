@@ -1,4 +1,4 @@
-"""LARS rules (You et al., 2017, https://arxiv.org/abs/1708.03888, Alg. 1). Reference: fusedoptim/lars.py."""
+"""LARS rules (You et al., 2017, https://arxiv.org/abs/1708.03888, Alg. 1). Reference: optim/lars.py."""
 
 import triton
 import triton.language as tl

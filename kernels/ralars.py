@@ -1,6 +1,6 @@
 """RaLars rules (holocron: RAdam moments, Liu et al., 2019, with a LAMB trust ratio).
 
-Reference: fusedoptim/ralars.py.
+Reference: optim/ralars.py.
 """
 
 import triton

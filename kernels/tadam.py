@@ -1,4 +1,4 @@
-"""TAdam rules (Ilboudo et al., 2020, https://arxiv.org/abs/2003.00179). Reference: fusedoptim/tadam.py."""
+"""TAdam rules (Ilboudo et al., 2020, https://arxiv.org/abs/2003.00179). Reference: optim/tadam.py."""
 
 import triton
 import triton.language as tl
