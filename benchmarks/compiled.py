@@ -2,7 +2,7 @@
 on a machine without a GPU, and read back from the PTX and SASS.
 
 ``python -m benchmarks.compiled`` prints, per optimizer, the bytes moved per parameter element as the compiled
-loads and stores move them, beside the minimum of DESIGN §5, the launches per step (counted by running a step
+loads and stores move them, beside the minimum of docs/design.md#bytes-model, the launches per step (counted by running a step
 under the Triton interpreter with the launch counter), registers, spills, occupancy and a **modelled** H100 step
 time. ``--json`` writes every variant's figures; ``tests/test_compiled.py`` checks them in CI.
 
@@ -43,10 +43,10 @@ from typing import Any
 ARCHS = (80, 90, 100)
 DTYPES = ("fp32", "bf16", "fp16")
 
-#: Modelled H100 (SXM, HBM3): 3.0 TB/s achievable copy bandwidth (reference/anchors.md §8), 1 B parameters.
+#: Modelled H100 (SXM, HBM3): 3.0 TB/s achievable copy bandwidth (docs/design.md#bytes-model), 1 B parameters.
 MODEL_BANDWIDTH = 3.0e12
 MODEL_PARAMS = 1e9
-#: Bytes per param of the anchors under the same model (DESIGN §5): torch fused AdamW, Apex FusedLAMB (fp32).
+#: Bytes per param of the anchors under the same model (docs/design.md#bytes-model): torch fused AdamW, Apex FusedLAMB (fp32).
 ANCHORS = {"torch fused AdamW": 28, "Apex FusedLAMB": 52}
 
 
@@ -58,8 +58,8 @@ class Optimizer:
     cls: str
     defaults: dict[str, Any]
     grid: dict[str, tuple[Any, ...]]
-    #: The minimal bytes per param element of DESIGN §5 (fp32 params, grads, states) and of reference/anchors.md
-    #: §8 for bf16 params and grads with fp32 states (no master copy, as here).
+    #: The minimal bytes per param element of docs/design.md#bytes-model: fp32 params, grads and states; bf16
+    #: params and grads with fp32 states (no master copy, as here).
     minimal_fp32: int
     minimal_bf16: int
 
@@ -68,10 +68,10 @@ _MAXIMIZE = {"maximize": (False, True)}
 OPTIMIZERS = (
     Optimizer("adabelief", "AdaBelief", {}, {"amsgrad": (False, True), "decoupled_weight_decay": (False, True),
                                              **_MAXIMIZE}, 28, 22),
-    # Adan bf16: anchors §8's 34 B, the previous-grad copy at the grad's 2 B (Adan.param_dtype_states).
+    # Adan bf16: 34 B (docs/design.md#bytes-model), the previous-grad copy at the grad's 2 B (Adan.param_dtype_states).
     Optimizer("adan", "Adan", {}, {"no_prox": (False, True), "amsgrad": (False, True), **_MAXIMIZE}, 44, 34),
     Optimizer("ademamix", "AdEMAMix", {}, dict(_MAXIMIZE), 36, 30),
-    # LARS's 28 B of DESIGN §5 is with momentum (the paper's setting): without, 20 B.
+    # LARS's 28 B (docs/design.md#bytes-model) is with momentum (the paper's setting): without, 20 B.
     Optimizer("lars", "LARS", {"momentum": 0.9}, {"momentum": (0.0, 0.9), "nesterov": (False, True), **_MAXIMIZE},
               28, 18),
     Optimizer("lamb", "LAMB", {}, {"bias_correction": (True, False), **_MAXIMIZE}, 40, 32),
@@ -525,7 +525,7 @@ def table(results: list[Result], launches: dict[str, int], arch: int = 90) -> st
     def seconds(bytes_per_param: float) -> str:
         return f"{bytes_per_param * MODEL_PARAMS / MODEL_BANDWIDTH * 1e3:.2f}"
 
-    head = ("| optimizer | launches / step | B/param compiled fp32 | minimal fp32 (DESIGN §5) | "
+    head = ("| optimizer | launches / step | B/param compiled fp32 | minimal fp32 | "
             "B/param compiled bf16 | minimal bf16 | + fused sync | registers sm_90 (per pass) | spills | "
             "occupancy sm_90 | **modelled** H100 ms / step, 1 B params |")
     lines = [head, "|---|" + "---:|" * 10]

@@ -5,7 +5,7 @@ An algorithm runs as
 - ``fusedoptim-<backend>``: our class, once per backend that can run on the device (``triton`` on CUDA,
   ``cpu`` (the C++ kernels) and ``reference`` on CPU; ``reference`` on CUDA too, as the unfused baseline);
 - the peers (``timm``, ``pytorch-optimizer``, ``holocron``, and torch's three AdamW implementations),
-  each configured to compute the same algorithm as ours (``reference/seed-semantics.md`` §13-14), fed the
+  each configured to compute the same algorithm as ours (the peer settings below), fed the
   same parameters and gradients.
 
 Adding an optimizer is one ``Algorithm(...)`` line. Lines whose fusedoptim class does not exist yet are
@@ -99,7 +99,7 @@ def _peers(timm: tuple[str, dict] | None = None, po: tuple[str, dict] | None = N
 
 
 #: Lookahead, fused into the base's last pass on sync steps: + 8 B (read and write the fp32 slow weights)
-#: once every k = 6 steps (DESIGN §5).
+#: once every k = 6 steps (docs/design.md#bytes-model).
 LOOKAHEAD = Wrapper("lookahead", ("Lookahead", dict(sync_rate=0.5, sync_period=6)), {
     "timm": ("timm.optim.lookahead:Lookahead", dict(alpha=0.5, k=6)),
     "pytorch-optimizer": ("pytorch_optimizer:Lookahead", dict(alpha=0.5, k=6)),
@@ -112,7 +112,7 @@ ADAMW = Algorithm("adamw", None, _ADAM, bytes_per_param=_torch_adamw_bytes, peer
     Peer("torch-fused", "torch.optim:AdamW", dict(fused=True)),
 ))
 
-# Peer settings that make them compute our algorithm: reference/seed-semantics.md §13.3 and §14.
+# Peer settings that make them compute our algorithm.
 _ADABELIEF = Algorithm("adabelief", "AdaBelief", _ADAM, _peers(
     timm=("timm.optim.adabelief:AdaBelief", dict(eps=1e-8, rectify=False, decoupled_decay=False)),
     po=("pytorch_optimizer:AdaBelief", dict(eps=1e-8, rectify=False, weight_decouple=False)),

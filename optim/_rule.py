@@ -5,7 +5,7 @@ The three forms of a rule take the same arguments in the same order (``kernels/<
 ``update(param, grad, state, step, *hyper, *flags) -> (param, state)``. Rules with per-tensor statistics
 (``TwoPassRule``) run pass A, ``prepare(...) -> (state, terms)``, whose terms are summed per tensor; the
 ``finalize`` turns the sums into per-tensor factors; pass B, ``apply(param, grad, state, step, *factors, *hyper,
-*flags) -> (param, state)``, uses them (docs/design.md#two-pass-rules).
+*flags) -> (param, state)``, uses them (docs/design.md#two-pass-scheme).
 """
 
 from __future__ import annotations

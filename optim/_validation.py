@@ -33,6 +33,14 @@ def check_non_negative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
 
 
+def check_adam(lr: Any, betas: Sequence[float], count: int, eps: Any, weight_decay: Any) -> None:
+    """The arguments every Adam-family optimizer here takes: lr, ``count`` betas, eps and weight_decay."""
+    check_lr(lr)
+    check_betas(betas, count)
+    check_non_negative("epsilon", eps)
+    check_non_negative("weight_decay", weight_decay)
+
+
 def check_warmup(name: str, value: Any) -> None:
     if value is None:
         return

@@ -12,7 +12,7 @@ from ._base import FusedOptimizer
 from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
 from ._rule import Rule
-from ._validation import check_betas, check_lr, check_non_negative
+from ._validation import check_adam
 
 
 def adabelief_update(param, grad, state, step,
@@ -77,10 +77,7 @@ class AdaBelief(FusedOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  decoupled_weight_decay: bool = False, maximize: bool = False, backend: Backend = "auto") -> None:
-        check_lr(lr)
-        check_betas(betas, 2)
-        check_non_negative("epsilon", eps)
-        check_non_negative("weight_decay", weight_decay)
+        check_adam(lr, betas, 2, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend)

@@ -12,7 +12,7 @@ from ._base import FusedOptimizer
 from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
 from ._rule import TwoPassRule
-from ._validation import check_betas, check_lr, check_non_negative
+from ._validation import check_adam, check_non_negative
 
 
 def _adamp_perturb(grad, exp_avg, second_moment, step, beta1, log_beta2, eps, nesterov):
@@ -130,10 +130,7 @@ class AdamP(FusedOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, delta: float = 0.1, *,
                  wd_ratio: float = 0.1, nesterov: bool = False, maximize: bool = False,
                  backend: Backend = "auto") -> None:
-        check_lr(lr)
-        check_betas(betas, 2)
-        check_non_negative("epsilon", eps)
-        check_non_negative("weight_decay", weight_decay)
+        check_adam(lr, betas, 2, eps, weight_decay)
         check_non_negative("delta", delta)
         check_non_negative("wd_ratio", wd_ratio)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),

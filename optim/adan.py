@@ -12,7 +12,7 @@ from ._base import FusedOptimizer
 from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
 from ._rule import Rule
-from ._validation import check_betas, check_lr, check_non_negative
+from ._validation import check_adam
 
 
 def adan_update(param, grad, state, step,
@@ -89,10 +89,7 @@ class Adan(FusedOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, no_prox: bool = False,
                  maximize: bool = False, backend: Backend = "auto") -> None:
-        check_lr(lr)
-        check_betas(betas, 3)
-        check_non_negative("epsilon", eps)
-        check_non_negative("weight_decay", weight_decay)
+        check_adam(lr, betas, 3, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         no_prox=bool(no_prox), maximize=bool(maximize))
         super().__init__(params, defaults, backend=backend)

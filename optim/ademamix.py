@@ -12,7 +12,7 @@ from ._base import FusedOptimizer
 from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32, one_minus_exp
 from ._rule import Rule
-from ._validation import check_betas, check_lr, check_non_negative, check_warmup
+from ._validation import check_adam, check_non_negative, check_warmup
 
 
 def ademamix_update(param, grad, state, step,
@@ -77,11 +77,8 @@ class AdEMAMix(FusedOptimizer):
                  betas: tuple[float, float, float] = (0.9, 0.999, 0.9999), alpha: float = 5.0, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, alpha_warmup: int | None = None, beta3_warmup: int | None = None,
                  maximize: bool = False, backend: Backend = "auto") -> None:
-        check_lr(lr)
-        check_betas(betas, 3)
+        check_adam(lr, betas, 3, eps, weight_decay)
         check_non_negative("alpha", alpha)
-        check_non_negative("epsilon", eps)
-        check_non_negative("weight_decay", weight_decay)
         check_warmup("alpha_warmup", alpha_warmup)
         check_warmup("beta3_warmup", beta3_warmup)
         if beta3_warmup is not None and betas[0] == 0.0:

@@ -13,7 +13,7 @@ from ._kernels import kernels
 from ._math import bias_correction as correction  # `bias_correction` is LAMB's flag
 from ._math import fp32, log_fp32
 from ._rule import TwoPassRule
-from ._validation import check_betas, check_lr, check_non_negative, check_scale_clip
+from ._validation import check_adam, check_scale_clip
 
 
 def _lamb_direction(param, exp_avg, exp_avg_sq, step, log_beta1, log_beta2, eps, weight_decay, bias_correction):
@@ -93,10 +93,7 @@ class LAMB(FusedOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, scale_clip: tuple[float, float] | None = None, *,
                  bias_correction: bool = True, maximize: bool = False, backend: Backend = "auto") -> None:
-        check_lr(lr)
-        check_betas(betas, 2)
-        check_non_negative("epsilon", eps)
-        check_non_negative("weight_decay", weight_decay)
+        check_adam(lr, betas, 2, eps, weight_decay)
         scale_clip = check_scale_clip(scale_clip)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, scale_clip=scale_clip,
                         bias_correction=bool(bias_correction), maximize=bool(maximize))

@@ -15,7 +15,7 @@ from ._base import FusedOptimizer
 from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
 from ._rule import TwoPassRule
-from ._validation import check_betas, check_lr, check_non_negative, check_scale_clip
+from ._validation import check_adam, check_scale_clip
 
 
 def _ralars_direction(exp_avg, exp_avg_sq, step, log_beta1, log_beta2, eps, rectify_from_step,
@@ -120,10 +120,7 @@ class RaLars(FusedOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, force_adaptive_momentum: bool = False,
                  scale_clip: tuple[float, float] | None = None, *, maximize: bool = False,
                  backend: Backend = "auto") -> None:
-        check_lr(lr)
-        check_betas(betas, 2)
-        check_non_negative("epsilon", eps)
-        check_non_negative("weight_decay", weight_decay)
+        check_adam(lr, betas, 2, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         force_adaptive_momentum=bool(force_adaptive_momentum), scale_clip=check_scale_clip(scale_clip),
                         maximize=bool(maximize))

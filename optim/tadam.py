@@ -12,7 +12,7 @@ from ._base import FusedOptimizer
 from ._kernels import kernels
 from ._math import bias_correction, fp32, log_fp32
 from ._rule import TwoPassRule
-from ._validation import check_betas, check_lr, check_non_negative
+from ._validation import check_adam
 
 
 def tadam_prepare(param, grad, state, step,
@@ -100,12 +100,9 @@ class TAdam(FusedOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, dof: float | None = None, *,
                  maximize: bool = False, backend: Backend = "auto") -> None:
-        check_lr(lr)
-        check_betas(betas, 2)
+        check_adam(lr, betas, 2, eps, weight_decay)
         if betas[0] == 0:
             raise ValueError("TAdam needs betas[0] > 0 (its weight W_t divides by β1)")
-        check_non_negative("epsilon", eps)
-        check_non_negative("weight_decay", weight_decay)
         if dof is not None and (isinstance(dof, bool) or not isinstance(dof, (int, float)) or not dof > 0):
             raise ValueError(f"Invalid dof: {dof!r} (must be None or a number > 0, math.inf allowed)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
