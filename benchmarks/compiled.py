@@ -2,9 +2,9 @@
 on a machine without a GPU, and read back from the PTX and SASS.
 
 ``python -m benchmarks.compiled`` prints, per optimizer, the bytes moved per parameter element as the compiled
-loads and stores move them, beside the minimum of docs/design.md#bytes-model, the launches per step (counted by running a step
-under the Triton interpreter with the launch counter), registers, spills, occupancy and a **modelled** H100 step
-time. ``--json`` writes every variant's figures; ``tests/test_compiled.py`` checks them in CI.
+loads and stores move them, beside the minimum of docs/design.md#bytes-model, the launches per step (counted by
+running a step under the Triton interpreter with the launch counter), registers, spills, occupancy and a
+**modelled** H100 step time. ``--json`` writes every variant's figures; ``tests/test_compiled.py`` checks them in CI.
 
 How the figures are read off the compiled code (nothing here runs a kernel):
 
@@ -46,7 +46,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 #: Modelled H100 (SXM, HBM3): 3.0 TB/s achievable copy bandwidth (docs/design.md#bytes-model), 1 B parameters.
 MODEL_BANDWIDTH = 3.0e12
 MODEL_PARAMS = 1e9
-#: Bytes per param of the anchors under the same model (docs/design.md#bytes-model): torch fused AdamW, Apex FusedLAMB (fp32).
+#: Bytes per param of the anchors under the same model (docs/design.md#bytes-model): torch fused AdamW and
+#: Apex FusedLAMB, fp32.
 ANCHORS = {"torch fused AdamW": 28, "Apex FusedLAMB": 52}
 
 
