@@ -38,6 +38,9 @@ struct BucketArgs {
   at::Tensor factors;                // fp32[segments, num_factors]: written, finalize's factors (as pass B used them)
   std::vector<at::Tensor> tensor_states;  // fp32[bucket size] each: per-tensor scalar states finalize updates (TAdam)
   int64_t cache_group = 0;           // elements per cache group (see step_two_pass); 0: the whole bucket at once
+  // kWholeStep: pass A, finalize, pass B. Sharded params (optim/_distributed.py) sum pass A's partial sums over
+  // the ranks before the finalize, so they run kPassA (fills sums), then kPassB (reads the factors, in Python).
+  int64_t phase = 0;
   // Lookahead's sync in the last pass (undefined: no sync): slow <- slow + rate * (fast - slow); fast <- slow.
   at::Tensor slow;                   // flat fp32, laid out like the state buffers
   at::Tensor sync_rate;              // fp32[1]
@@ -120,6 +123,7 @@ inline void validate_two_pass(const BucketArgs& a, int num_sums, int num_factors
                 "fusedoptim cpu: a per-tensor state must be a contiguous fp32 CPU tensor with one entry per tensor");
   }
   TORCH_CHECK(a.cache_group >= 0, "fusedoptim cpu: cache_group must be >= 0");
+  TORCH_CHECK(a.phase >= 0 && a.phase <= 2, "fusedoptim cpu: phase must be 0 (whole step), 1 (pass A) or 2 (pass B)");
   for (size_t k = 0; k < n; ++k) {
     TORCH_CHECK(a.index[k] < segments, "fusedoptim cpu: tensor index outside the sums/factors table");
     const int64_t row = a.row_lengths[k], numel = a.params[k].numel();
@@ -520,11 +524,17 @@ void prepare_chunks(const BucketArgs& a, const Prepared<Rule>& t, const std::vec
 // 0.82x its GB/s. Pass A streams 200-400 MB through a 32 MB L3, so pass B reads everything from DRAM again; in
 // groups of <= 1 M elements it took 14.3 ms (1.09x). With the torch finalize per group (two tries), each group cost
 // about 100 us of torch ops and whole steps came out slower (csrc/README.md; more runs in docs/notes/cpu-kernels.md).
+enum Phase : int64_t { kWholeStep = 0, kPassA = 1, kPassB = 2 };
+
 template <typename Rule, typename param_t, bool sync>
 void step_two_pass(const BucketArgs& a) {
   constexpr int K = Rule::num_sums, F = Rule::num_factors;
   const size_t n = a.params.size();
   const Prepared<Rule> t = prepare_tensors<Rule>(a);
+  if (a.phase == kPassB) {  // a.factors holds every segment's factors
+    apply_tensors<Rule, param_t, sync>(a, t, 0, n, a.factors.data_ptr<float>());
+    return;
+  }
   const std::vector<Chunk> chunks = sum_chunks<Rule>(a, t);
   std::vector<double> partials(chunks.size() * K);
   std::vector<double> sums(a.sums.numel(), 0.0);  // tensors without a gradient (and their rows) sum to 0
@@ -536,6 +546,11 @@ void step_two_pass(const BucketArgs& a) {
   const auto to_float = [&](int64_t s, int64_t count) {  // sums rows [s, s + count) as finalize sees them
     for (int64_t e = s * K; e < (s + count) * K; ++e) table[e] = static_cast<float>(sums[e]);
   };
+  if (a.phase == kPassA) {
+    prepare_chunks<Rule, param_t>(a, t, chunks, 0, chunks.size(), partials.data(), sums.data());
+    to_float(0, a.sums.size(0));
+    return;
+  }
   for (size_t k0 = 0, c0 = 0; k0 < n;) {
     size_t k1 = k0 + 1, c1 = c0;
     while (k1 < n && t.start[k1 + 1] - t.start[k0] <= limit) ++k1;
@@ -591,7 +606,7 @@ void run(const BucketArgs& a) {
     validate_two_pass(a, Rule::num_sums, Rule::num_factors, num_tensor_states_of<Rule>::value,
                       row_statistics_of<Rule>::value);
     if (a.params.empty()) {
-      std::fill_n(a.sums.data_ptr<float>(), a.sums.numel(), 0.0f);
+      if (a.phase != kPassB) std::fill_n(a.sums.data_ptr<float>(), a.sums.numel(), 0.0f);
       return;
     }
   } else if (a.params.empty()) {

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from ._backends import BACKENDS, Backend, Run, select
+from ._distributed import Sharding, check_grad, local, sharding_of
 from ._layout import Bucket, adopt_state, build_bucket
 from ._rule import Rule
 
@@ -36,6 +37,8 @@ class FusedOptimizer(Optimizer):
     - Step counts are per tensor: a param whose ``.grad`` is None is skipped and its step does not advance.
     - ``maximize=True`` ascends; ``p.grad`` is never modified.
     - All params of one param group must be on one device; a group may mix dtypes.
+    - DTensor params (FSDP2): the kernels run on the local shards, per-tensor statistics are summed over the shards
+      (one all-reduce per two-pass bucket per step) and state is DTensor like the param (``_distributed.py``).
     """
 
     rule: ClassVar[Rule]
@@ -92,39 +95,49 @@ class FusedOptimizer(Optimizer):
         if len(devices) > 1:
             raise ValueError(f"all params of one param group must be on one device, got {sorted(map(str, devices))}; "
                              "put params on other devices in their own param group")
-        if self.backend != "auto":  # a named backend refuses at once what it cannot run (without building it)
-            for p in params:
-                if isinstance(p, torch.Tensor):
+        for p in params:
+            if isinstance(p, torch.Tensor):
+                sharding_of(p, type(self).__name__)  # a DTensor placement we cannot run: ValueError, on every rank
+                if self.backend != "auto":  # a named backend refuses at once what it cannot run (without building)
                     select(self.backend, self.rule, p.device, p.dtype, type(self).__name__, build=False)
         super().add_param_group(param_group)
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         """The group's buckets, built on first use and rebuilt (state adopted) when the params change."""
         params: list[torch.Tensor] = group["params"]
+        tensors = [local(p) for p in params]
         names = self.group_state_names(group) + (("slow_param",) if self._slow_attached else ())
-        key = (names, tuple(p.data_ptr() for p in params), tuple(id(p) for p in params))
+        key = (names, tuple(t.data_ptr() for t in tensors), tuple(id(p) for p in params))
         cached = self._layouts.get(id(group))
         if cached is not None and cached[0] == key:
             return cached[1]
         if cached is not None and cached[0][0] == names and cached[0][2] == key[2]:
             # Same params with new storage (e.g. `p.data = ...`): keep the layout if it still fits.
             buckets = cached[1]
-            if all(p.dtype == b.dtype and p.device == b.device and p.numel() == b.numels[i]
+            if all(local(p).dtype == b.dtype and local(p).device == b.device and local(p).numel() == b.numels[i]
                    for b in buckets for i, p in enumerate(b.params)):
                 for b in buckets:
-                    b.param_ptrs = [p.data_ptr() for p in b.params]
+                    b.tensors = [local(p) for p in b.params]
+                    b.param_ptrs = [t.data_ptr() for t in b.tensors]
                 self._layouts[id(group)] = (key, buckets)
                 return buckets
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"all params of one param group must be on one device, got {sorted(map(str, devices))}")
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        owner = type(self).__name__
+        members: dict[tuple, list[torch.Tensor]] = {}  # a bucket per dtype and distribution
+        shardings: dict[tuple, Sharding | None] = {}
         for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
+            sharding = sharding_of(p, owner)
+            bucket_key = (p.dtype, None if sharding is None else sharding.key)
+            members.setdefault(bucket_key, []).append(p)
+            shardings.setdefault(bucket_key, sharding)
         buckets = []
-        for members in by_dtype.values():  # pick and check every backend before adopting any state
-            chosen = select(self.backend, self.rule, members[0].device, members[0].dtype, type(self).__name__)
-            buckets.append(build_bucket(members, chosen, self.rule, names, self.group_state_names(group)))
+        for bucket_key, bucket_params in members.items():  # pick and check every backend before adopting any state
+            first = local(bucket_params[0])
+            chosen = select(self.backend, self.rule, first.device, first.dtype, owner)
+            buckets.append(build_bucket(bucket_params, shardings[bucket_key], chosen, self.rule, names,
+                                        self.group_state_names(group)))
             chosen.prepare_bucket(buckets[-1])
         for bucket in buckets:
             adopt_state(bucket, self.state)
@@ -160,6 +173,7 @@ class FusedOptimizer(Optimizer):
                 for i in active:
                     if grads[i].is_sparse or grads[i].layout != torch.strided:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    grads[i] = check_grad(bucket.params[i], grads[i], type(self).__name__)
                 runs.append(Run(bucket, self.rule, active, grads, hyper, flags, group["maximize"]))
         # Phase 2: advance the steps of tensors that have a gradient, then run the passes.
         sync_rate, self._pending_sync = self._pending_sync, None

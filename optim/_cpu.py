@@ -148,6 +148,10 @@ def warn_fallback_once(reason: str) -> None:
 #: LAMB, whose pass B reads 12 B/element (24 MB at 2 M).
 CACHE_GROUP_ELEMENTS = 1 << 20
 
+#: The ``phase`` of a two-pass step split in two (csrc/multi_tensor.h, Phase): pass A only, filling the sums; pass B
+#: only, reading the factors.
+PHASE_PASS_A, PHASE_PASS_B = 1, 2
+
 
 class CpuExecutor:
     name = "cpu"
@@ -179,7 +183,7 @@ class CpuExecutor:
         """
         bucket, rule, active = run.bucket, run.rule, run.active
         ext = extension()
-        params = [bucket.params[i] for i in active]
+        params = [bucket.tensors[i] for i in active]
         staged = [p if p.is_contiguous() else p.contiguous() for p in params]
         args = (staged, [run.grads[i].contiguous() for i in active],
                 [bucket.states[name] for name in bucket.rule_state_names], [bucket.offsets[i] for i in active],
@@ -194,12 +198,17 @@ class CpuExecutor:
             first_row = [len(bucket.params) + segments.first_row[i] for i in active]
             sums = torch.empty(segments.num_segments, rule.num_sums, dtype=torch.float32)  # every entry is written
             factors = torch.empty(segments.num_segments, len(rule.factor_names), dtype=torch.float32)
-            kernel(*args, rows, first_row, sums, factors, list(bucket.tensor_states.values()), CACHE_GROUP_ELEMENTS,
-                   *sync)
+            tables = (rows, first_row, sums, factors, list(bucket.tensor_states.values()), CACHE_GROUP_ELEMENTS)
+            if bucket.sharding is None:
+                kernel(*args, *tables, *sync)
+            else:  # pass A's sums are partial: sum them over the ranks between the passes (rule.finalize_run)
+                kernel(*args, *tables, None, None, PHASE_PASS_A)
+                factors = rule.finalize_run(run, sums).to(torch.float32).contiguous()
+                kernel(*args, *tables[:3], factors, *tables[4:], *sync, PHASE_PASS_B)
         for p, s in zip(params, staged, strict=True):
             if s is not p:
                 p.copy_(s)
-        if rule.two_pass:
+        if rule.two_pass and bucket.sharding is None:
             self._keep_tables(run, sums, factors)
 
     @staticmethod
@@ -222,7 +231,7 @@ class CpuExecutor:
         never read), so the two agree bitwise."""
         if not indices:
             return
-        params = [bucket.params[i] for i in indices]
+        params = [bucket.tensors[i] for i in indices]
         staged = [p if p.is_contiguous() else p.contiguous() for p in params]
         extension().keep_step(staged, staged, [], [bucket.offsets[i] for i in indices], bucket.steps, list(indices),
                               [], [], False, bucket.states["slow_param"], sync_rate)

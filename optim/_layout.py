@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ._distributed import Sharding, local, local_value
+
 #: Every tensor's segment in a flat state buffer starts at a multiple of this many elements (64 bytes
 #: of fp32), so segment starts are 16-byte aligned and the compiled kernel keeps 128-bit accesses.
 SEGMENT_ALIGN = 16
@@ -77,27 +79,31 @@ class SegmentLayout:
     """What finalize knows of a bucket: sums[s] is tensor s for s < T, then one row per row of each tensor with
     rows (``row_lengths`` not None; AdamP's channel view), in tensor order."""
 
-    numels: torch.Tensor       # fp32[T]
+    numels: torch.Tensor       # fp32[T]: the params' numels (a DTensor's global numel)
     row_lengths: list[int | None]
     row_tensor: torch.Tensor   # int64[R]: the tensor of each row segment
     first_row: list[int]       # host: index of tensor t's first row among the R rows
-    fan_in: torch.Tensor       # fp32[T]: row length of tensors with rows, 0 for the others
+    fan_in: torch.Tensor       # fp32[T]: row length of params with rows (ndim > 1), 0 for the others
 
     @property
     def num_segments(self) -> int:
         return len(self.row_lengths) + self.row_tensor.numel()
 
     @classmethod
-    def of(cls, params: Sequence[torch.Tensor], row_statistics: bool, device: torch.device) -> SegmentLayout:
-        row_lengths = [p.numel() // p.shape[0] if row_statistics and p.dim() > 1 and p.numel() else None
-                       for p in params]
-        row_tensor = [t for t, p in enumerate(params) if row_lengths[t] is not None for _ in range(p.shape[0])]
-        first_row = [0] * len(params)
-        for t in range(1, len(params)):
-            first_row[t] = first_row[t - 1] + (params[t - 1].shape[0] if row_lengths[t - 1] else 0)
+    def of(cls, params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], row_statistics: bool,
+           device: torch.device) -> SegmentLayout:
+        """The layout of ``params`` (global shapes: a tensor's numel and fan-in are the whole param's, as a rule's
+        finalize needs them) whose local parts are ``tensors`` (the rows a rank holds: all of them, but for a
+        DTensor sharded on dim 0)."""
+        fan_in = [p.numel() // p.shape[0] if row_statistics and p.dim() > 1 and p.numel() else 0 for p in params]
+        row_lengths = [f if f and t.numel() else None for f, t in zip(fan_in, tensors, strict=True)]
+        row_tensor = [i for i, t in enumerate(tensors) if row_lengths[i] is not None for _ in range(t.shape[0])]
+        first_row = [0] * len(tensors)
+        for i in range(1, len(tensors)):
+            first_row[i] = first_row[i - 1] + (tensors[i - 1].shape[0] if row_lengths[i - 1] else 0)
         return cls(torch.tensor([p.numel() for p in params], dtype=torch.float32).to(device), row_lengths,
                    torch.tensor(row_tensor, dtype=torch.int64).to(device), first_row,
-                   torch.tensor([r or 0 for r in row_lengths], dtype=torch.float32).to(device))
+                   torch.tensor(fan_in, dtype=torch.float32).to(device))
 
 
 @dataclass(eq=False)
@@ -106,12 +112,16 @@ class Bucket:
 
     ``states[name]`` is one flat buffer per state name (fp32 for fp32/bf16/fp16 params), holding tensor i's
     segment at ``offsets[i]`` (a multiple of 16 elements); ``steps[i]`` is tensor i's step count.
-    ``optimizer.state[p][name]`` and ``optimizer.state[p]["step"]`` are views into these buffers. Rules with
+    ``optimizer.state[p][name]`` and ``optimizer.state[p]["step"]`` are views into these buffers (for a DTensor
+    param, DTensors over the views, distributed like ``p``). The kernels see ``tensors``: the params, or a DTensor
+    param's local shard; ``numels`` and ``offsets`` are theirs. Rules with
     per-tensor statistics add per-tensor scalar states (TAdam's ``W_t``), the segment layout finalize sees, and the
     last step's per-segment ``sums`` and ``factors`` (device tensors: reading them never synchronises).
     """
 
     params: list[torch.Tensor]
+    tensors: list[torch.Tensor]        # what the kernels update: each param, or its local shard (a DTensor's)
+    sharding: Sharding | None          # the params' mesh and placements (DTensors), None for plain tensors
     dtype: torch.dtype
     device: torch.device
     executor: Any                      # the backend that steps it (optim/_backends.py)
@@ -134,8 +144,8 @@ class Bucket:
         return self.executor.name
 
     def view(self, name: str, i: int) -> torch.Tensor:
-        """Tensor i's segment of state buffer ``name``, shaped like the param."""
-        return self.states[name][self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.params[i].shape)
+        """Tensor i's segment of state buffer ``name``, shaped like its local tensor."""
+        return self.states[name][self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.tensors[i].shape)
 
     def active_mask(self, active: tuple[int, ...]) -> torch.Tensor:
         """fp32[T] on the bucket's device: 1 for the listed tensors, 0 for the others (cached per set)."""
@@ -149,30 +159,31 @@ class Bucket:
         return mask
 
 
-def build_bucket(params: list[torch.Tensor], executor: Any, rule: Any, names: tuple[str, ...],
-                 rule_names: tuple[str, ...]) -> Bucket:
-    """A bucket over ``params`` (one dtype, one device) with zeroed flat buffers for ``names``."""
-    dtype, device = params[0].dtype, params[0].device
-    numels = [p.numel() for p in params]
+def build_bucket(params: list[torch.Tensor], sharding: Sharding | None, executor: Any, rule: Any,
+                 names: tuple[str, ...], rule_names: tuple[str, ...]) -> Bucket:
+    """A bucket over ``params`` (one dtype, device and sharding) with zeroed flat buffers for ``names``."""
+    tensors = [local(p) for p in params]
+    dtype, device = tensors[0].dtype, tensors[0].device
+    numels = [t.numel() for t in tensors]
     offsets, total = padded_offsets(numels)
     states = {name: torch.zeros(total, dtype=rule.state_dtype(name, dtype), device=device) for name in names}
-    bucket = Bucket(params, dtype, device, executor, names, rule_names, numels, offsets, states,
-                    torch.zeros(len(params), dtype=torch.float32, device=device), [p.data_ptr() for p in params])
+    bucket = Bucket(params, tensors, sharding, dtype, device, executor, names, rule_names, numels, offsets, states,
+                    torch.zeros(len(params), dtype=torch.float32, device=device), [t.data_ptr() for t in tensors])
     if rule.two_pass:
         bucket.tensor_states = {name: torch.zeros(len(params), dtype=torch.float32, device=device)
                                 for name in rule.tensor_states}
-        bucket.segments = SegmentLayout.of(params, rule.row_statistics, device)
+        bucket.segments = SegmentLayout.of(params, tensors, rule.row_statistics, device)
     return bucket
 
 
 def adopt_state(bucket: Bucket, state: MutableMapping[torch.Tensor, dict[str, Any]]) -> None:
-    """Copy whatever ``state[p]`` holds (loaded, deep-copied, older buffers) into the bucket's flat buffers, then
-    make ``state[p]`` views into them. Never casts state down."""
+    """Copy whatever ``state[p]`` holds (loaded, deep-copied, older buffers; DTensors or full tensors for a DTensor
+    param) into the bucket's flat buffers, then make ``state[p]`` views into them. Never casts state down."""
     for i, p in enumerate(bucket.params):
-        old = state.get(p, {})
+        old = {name: local_value(value, p) for name, value in state.get(p, {}).items()}
         if "step" in old:
             bucket.steps[i] = old["step"] if isinstance(old["step"], torch.Tensor) else float(old["step"])
-        new = dict(old)
+        new = dict(state.get(p, {}))
         new["step"] = bucket.steps[i]
         for name, values in bucket.tensor_states.items():
             if name in old:
@@ -181,6 +192,6 @@ def adopt_state(bucket: Bucket, state: MutableMapping[torch.Tensor, dict[str, An
         for name in bucket.state_names:
             view = bucket.view(name, i)
             if name in old:
-                view.copy_(old[name].reshape(p.shape))
-            new[name] = view
+                view.copy_(old[name].reshape(view.shape))
+            new[name] = view if bucket.sharding is None else bucket.sharding.distribute(view, p)
         state[p] = new

@@ -31,7 +31,7 @@ class ReferenceExecutor:
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
         for i in indices:
-            p, slow = bucket.params[i], bucket.view("slow_param", i)
+            p, slow = bucket.tensors[i], bucket.view("slow_param", i)
             slow.lerp_(p.detach().to(slow.dtype), sync_rate.to(slow.dtype).reshape(()))
             p.copy_(slow)
 
@@ -40,7 +40,7 @@ class ReferenceExecutor:
         bucket = run.bucket
         dtype = torch.promote_types(bucket.dtype, torch.float32)
         grad = run.grads[i].to(dtype)
-        return (bucket.params[i].detach().to(dtype), -grad if run.maximize else grad,
+        return (bucket.tensors[i].detach().to(dtype), -grad if run.maximize else grad,
                 tuple(bucket.view(name, i) for name in bucket.rule_state_names))
 
     def _prepare(self, run: Run) -> torch.Tensor:
@@ -77,7 +77,7 @@ class ReferenceExecutor:
                 param, grad = param.reshape(shape[0], -1), grad.reshape(shape[0], -1)
                 state = tuple(s.reshape(shape[0], -1) for s in state)
             param, new_state = update(param, grad, state, bucket.steps[i], *tensor_factors, *run.hyper, *run.flags)
-            bucket.params[i].copy_(param.reshape(shape))
+            bucket.tensors[i].copy_(param.reshape(shape))
             for old, new in zip(views, new_state, strict=True):
                 old.copy_(new.reshape(shape))
 

@@ -87,6 +87,10 @@ class TwoPassRule(Rule):
         tensor_states: per-tensor scalar states that finalize updates (TAdam's ``W_t``).
         prepare_writes_state, apply_writes_state: which pass stores the states.
         row_statistics: params with ndim > 1 also get one segment per row (AdamP's channel view).
+        shard_terms: for a rule whose finalize also needs per-tensor figures of its local row sums (AdamP: how many
+            rows fail the channel test), ``(sums, segments, *hyper, *flags) -> fp32[T]``: on sharded params they are
+            summed over the ranks with the tensors' sums (one all-reduce) and passed to finalize as
+            ``shard_terms=``; unsharded, finalize computes them itself.
     """
 
     two_pass: ClassVar[bool] = True
@@ -98,6 +102,7 @@ class TwoPassRule(Rule):
     prepare_writes_state: bool = True
     apply_writes_state: bool = False
     row_statistics: bool = False
+    shard_terms: Callable[..., torch.Tensor] | None = None
 
     def kernel_passes(self) -> tuple[KernelPass, ...]:
         if self.triton is None:
@@ -111,13 +116,30 @@ class TwoPassRule(Rule):
         reference paths); updates the per-tensor states of the tensors stepped and keeps sums and factors on the
         bucket (``last_factors``)."""
         bucket = run.bucket
+        extra = self.sum_over_shards(run, sums) if bucket.sharding is not None else {}
         factors, tensor_states = self.finalize(sums, bucket.steps, bucket.segments,
-                                               tuple(bucket.tensor_states.values()), *run.hyper, *run.flags)
+                                               tuple(bucket.tensor_states.values()), *run.hyper, *run.flags, **extra)
         all_active = len(run.active) == len(bucket.params)
         for old, new in zip(bucket.tensor_states.values(), tensor_states, strict=True):
             old.copy_(new if all_active else torch.where(bucket.active_mask(run.active) > 0, new, old))
         bucket.sums, bucket.factors = sums, factors
         return factors
+
+
+    def sum_over_shards(self, run: Run, sums: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sharded params (optim/_distributed.py): the tensors' rows of ``sums`` (the first T, contiguous) hold
+        partial sums over the local shards; add them up over the ranks in place, with one all-reduce. Row
+        segments stay local (rows are whole under Shard(0)). Returns what finalize takes besides."""
+        bucket = run.bucket
+        num_tensors = len(bucket.params)
+        if self.shard_terms is None:
+            bucket.sharding.all_reduce(sums[:num_tensors])
+            return {}
+        terms = self.shard_terms(sums, bucket.segments, *run.hyper, *run.flags)
+        packed = torch.cat([sums[:num_tensors], terms[:, None].to(sums.dtype)], 1)
+        bucket.sharding.all_reduce(packed)
+        sums[:num_tensors] = packed[:, :-1]
+        return {"shard_terms": packed[:, -1]}
 
 
 def keep(param, grad, state, step):

@@ -43,7 +43,7 @@ class TritonExecutor:
         return reason
 
     def prepare_bucket(self, bucket: Bucket) -> None:
-        for p in bucket.params:
+        for p in bucket.tensors:
             if not p.is_contiguous():
                 raise ValueError("the Triton backend needs contiguous params (the kernel addresses them through "
                                  f"their data pointer); got one of shape {tuple(p.shape)} with strides {p.stride()}. "
@@ -68,7 +68,7 @@ class TritonExecutor:
             self._launch(run, tables, passes[-1], factors=factors, slow=slow, sync_rate=run.sync_rate)
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
-        tables = self._tables(bucket, indices, list(bucket.params))  # grads unread: the params' addresses
+        tables = self._tables(bucket, indices, list(bucket.tensors))  # grads unread: the params' addresses
         if tables.sizes.chunks:
             kernels.launch_step(SYNC_PASS.rule, (), tables.packed, tables.sizes, bucket.steps, (), (), bucket.dtype,
                                 False, tables.aligned, store_param=SYNC_PASS.store_param,

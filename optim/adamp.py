@@ -37,26 +37,45 @@ def adamp_prepare(param, grad, state, step,
     return new_state, (param * grad, param * param, grad * grad, param * perturb)
 
 
+def _cosine(sums, eps):
+    dot, param_sq, grad_sq, param_perturb = sums.double().unbind(1)
+    param_norm = param_sq.sqrt()
+    return dot.abs() / (param_norm.clamp(min=eps) * grad_sq.sqrt().clamp(min=eps)), param_norm, param_perturb
+
+
+def adamp_failing_rows(sums, segments,
+                       lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, delta, wd_ratio,
+                       nesterov, amsgrad):
+    """Per tensor, how many of its rows fail the channel test |cos(θ_c, g_c)| < δ/√fan_in (NaN fails): a count,
+    so that shards holding different rows of a tensor add theirs up (``TwoPassRule.shard_terms``)."""
+    num_tensors = segments.numels.numel()
+    cosine = _cosine(sums[num_tensors:], eps)[0]
+    threshold = delta / segments.fan_in.double().clamp(min=1).sqrt()
+    failing = ~(cosine < threshold.index_select(0, segments.row_tensor))
+    return torch.zeros(num_tensors, dtype=torch.float32, device=sums.device).index_add_(
+        0, segments.row_tensor, failing.float())
+
+
 def adamp_finalize(sums, steps, segments, tensor_states,
                    lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, delta, wd_ratio,
-                   nesterov, amsgrad):
+                   nesterov, amsgrad, shard_terms=None):
     """Projection decision and coefficients. Shared by both paths.
 
     For params with ndim > 1: project channel-wise if max_c |cos(θ_c, g_c)| < δ/√fan_in, else layer-wise if
     |cos(θ, g)| < δ/√numel. Projecting removes θ's direction from the update: perturb −= c·θ with
     c = (θ·perturb)/(‖θ‖ + ε)² per row or per tensor; the weight decay is then scaled by wd_ratio.
-    Returns per-segment factors (projection c, decay 1 − lr·λ·ratio): tensors first, then rows.
+    Returns per-segment factors (projection c, decay 1 − lr·λ·ratio): tensors first, then rows. ``shard_terms``:
+    the rows failing the channel test, counted over every shard (sharded params); else counted here.
     """
     num_tensors = segments.numels.numel()
-    dot, param_sq, grad_sq, param_perturb = sums.double().unbind(1)
-    param_norm = param_sq.sqrt()
-    cosine = dot.abs() / (param_norm.clamp(min=eps) * grad_sq.sqrt().clamp(min=eps))
+    cosine, param_norm, param_perturb = _cosine(sums, eps)
     coefficient = param_perturb / (param_norm + eps) ** 2
     row_tensor = segments.row_tensor
     has_rows = segments.fan_in > 0
-    channel_max = torch.zeros(num_tensors, dtype=torch.float64, device=sums.device).scatter_reduce(
-        0, row_tensor, cosine[num_tensors:], "amax", include_self=False)
-    channel = has_rows & (channel_max < delta / segments.fan_in.double().clamp(min=1).sqrt())
+    if shard_terms is None:
+        shard_terms = adamp_failing_rows(sums, segments, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay,
+                                         delta, wd_ratio, nesterov, amsgrad)
+    channel = has_rows & (shard_terms == 0)  # max_c |cos| < δ/√fan_in: no row fails
     layer = has_rows & ~channel & (cosine[:num_tensors] < delta / segments.numels.double().sqrt())
     decay = 1.0 - lr * weight_decay * torch.where(channel | layer, wd_ratio, 1.0)
     # What each row needs of its tensor, in one gather: whether it projects channel-wise, the coefficient it takes
@@ -123,7 +142,7 @@ class AdamP(FusedOptimizer):
 
     rule = TwoPassRule(cpu="adamp", states=("exp_avg", "exp_avg_sq"), optional_states=(("max_exp_avg_sq", "amsgrad"),),
                        num_sums=4, finalize=adamp_finalize, factor_names=("projection", "decay"),
-                       row_statistics=True, reference=(adamp_prepare, adamp_apply),
+                       row_statistics=True, shard_terms=adamp_failing_rows, reference=(adamp_prepare, adamp_apply),
                        triton=None if kernels is None else (kernels.adamp.adamp_prepare, kernels.adamp.adamp_apply))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),

@@ -1,8 +1,10 @@
 """Lookahead (Zhang et al., 2019, https://arxiv.org/abs/1907.08610) and holocron's Scout, around any optimizer.
 
 One shared wrapper base: the wrapper's ``param_groups`` ARE the base's (an LR scheduler or GradScaler on the
-wrapper acts on the real learning rate), ``zero_grad`` delegates, ``add_param_group`` extends the slow
-weights, and ``state_dict`` holds the base's state plus the slow weights and counters.
+wrapper acts on the real learning rate) and its ``defaults`` show the base's (OneCycleLR finds ``betas`` or
+``momentum``), ``zero_grad`` delegates, ``add_param_group`` extends the slow weights, and ``state_dict`` is the
+base's with the slow weights in each param's state and the counters in each param group: the two parts of an
+optimizer state_dict that ``torch.distributed.checkpoint`` keeps.
 
 The slow weights live in flat fp32 buffers laid out like optimizer state: in the base's own buckets when the
 base is a fusedoptim optimizer (so that Lookahead's sync runs inside the base's last pass: +8 B/param per
@@ -13,8 +15,9 @@ per bucket (the C++ loop on CPU, the reference for fp64 or without a compiler).
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +25,7 @@ from torch.optim import Optimizer
 
 from ._backends import Backend
 from ._base import FusedOptimizer
+from ._distributed import DTensor, Shard, is_dtensor, local, local_value
 from ._rule import SYNC_PASS, SYNC_RULE
 from ._validation import check_non_negative
 
@@ -41,6 +45,23 @@ class _SlowWeights(FusedOptimizer):
         return ()
 
 
+class _MergedState(Mapping):
+    """The state of a wrapper around a torch optimizer: per param, the base's entries and the slow weights'.
+    Its length and keys are the base's."""
+
+    def __init__(self, base: Mapping[torch.Tensor, Any], slow: Mapping[torch.Tensor, Any]) -> None:
+        self.base, self.slow = base, slow
+
+    def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
+        return {**self.base.get(p, {}), **self.slow[p]}
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
 class _SyncWrapper(Optimizer):
     """Keeps fp32 slow weights of every param of ``base_optimizer``; every ``sync_period`` steps moves them
     towards the fast weights by a rate and copies them back: slow ← slow + rate·(fast − slow); fast ← slow."""
@@ -57,7 +78,7 @@ class _SyncWrapper(Optimizer):
         # Optimizer.__init__ would build param groups of its own; ours are the base's, so set up the rest
         # of what torch.optim.Optimizer expects (hooks, the step patch for LR schedulers) here.
         self.base_optimizer = base_optimizer
-        self.defaults = dict(sync_rate=float(sync_rate), sync_period=sync_period)
+        self._settings = dict(sync_rate=float(sync_rate), sync_period=sync_period)
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
@@ -79,10 +100,23 @@ class _SyncWrapper(Optimizer):
         raise AttributeError("a wrapper's param_groups are its base optimizer's; change those")
 
     @property
-    def state(self) -> defaultdict[torch.Tensor, Any]:  # type: ignore[override]
-        """Per param: ``slow_param``, a view into the flat slow-weight buffers (and the base's state when
-        the base is a fusedoptim optimizer)."""
-        return self._holder.state
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base's defaults (what schedulers read: ``betas``, ``momentum``), with ``sync_rate`` and
+        ``sync_period``. A copy: change the base's defaults, or the wrapper's settings through load_state_dict."""
+        return {**self.base_optimizer.defaults, **self._settings}
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        raise AttributeError("a wrapper's defaults are its base optimizer's; change those")
+
+    @property
+    def state(self) -> Mapping[torch.Tensor, Any]:  # type: ignore[override]
+        """Per param: the base's state and ``slow_param``, a view into the flat slow-weight buffers. It is the base's
+        own state when the base is a fusedoptim optimizer; else a view of both, empty while the base's is (so that
+        torch.distributed.checkpoint initialises the base's state as it does for the base alone)."""
+        if self._holder is self.base_optimizer:
+            return self._holder.state
+        return _MergedState(self.base_optimizer.state, self._holder.state)
 
     @property
     def slow_weights(self) -> FusedOptimizer:
@@ -101,11 +135,11 @@ class _SyncWrapper(Optimizer):
 
     @property
     def sync_rate(self) -> float:
-        return self.defaults["sync_rate"]
+        return self._settings["sync_rate"]
 
     @property
     def sync_period(self) -> int:
-        return self.defaults["sync_period"]
+        return self._settings["sync_period"]
 
     # ------------------------------------------------------------------ slow weights
     def _params(self) -> list[torch.Tensor]:
@@ -130,47 +164,92 @@ class _SyncWrapper(Optimizer):
         return loss
 
     # ------------------------------------------------------------------ state_dict
+    #: What the wrapper adds to each param group of its state_dict (the counters, the same in every group).
+    GROUP_KEYS = ("fast_steps", "sync_rate", "sync_period")
+    #: What it adds to each param's state.
+    STATE_KEYS: tuple[str, ...] = ("slow_param",)
+
     def state_dict(self) -> dict[str, Any]:
-        """The base's state_dict plus, under ``"wrapper"``, the slow weights (by param index) and counters."""
+        """The base's state_dict, with each param's slow weights (Scout: and snapshots) in its state and the
+        counters (``fast_steps``, ``sync_rate``, ``sync_period``) in every param group. Runs the hooks registered
+        with ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook``."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         base = self.base_optimizer.state_dict()
-        wrapper = {"fast_steps": self.fast_steps, **self.defaults,
-                   "state": {i: self._wrapper_state(p) for i, p in enumerate(self._params())}}
-        return {**base, "wrapper": wrapper}
+        ids = [pid for group in base["param_groups"] for pid in group["params"]]
+        state = dict(base["state"])
+        for pid, p in zip(ids, self._params(), strict=True):
+            state[pid] = {**state.get(pid, {}), **self._wrapper_state(p)}
+        counters = {"fast_steps": self.fast_steps, **self._settings}
+        state_dict = {"state": state, "param_groups": [{**group, **counters} for group in base["param_groups"]]}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def _wrapper_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"slow_param": self.state[p]["slow_param"]}
 
     def _load_wrapper_state(self, p: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
-        self.state[p]["slow_param"].copy_(saved["slow_param"])
+        local(self.state[p]["slow_param"]).copy_(local_value(saved["slow_param"], p).reshape(local(p).shape))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a wrapper state_dict; a plain base state_dict (no ``"wrapper"`` entry) restarts the slow
-        weights from the current params, as virtex does."""
-        wrapper = state_dict.get("wrapper")
+        """Load a wrapper state_dict (this format, the earlier one with a ``"wrapper"`` entry, or a state_dict that
+        ``torch.distributed.checkpoint`` rebuilt: params named by FQN). A plain base state_dict (no slow weights)
+        restarts the slow weights from the current params, as virtex does. Everything is checked before anything
+        is loaded. Runs the load_state_dict pre and post hooks."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         params = self._params()
-        if wrapper is not None:
-            missing = [i for i in range(len(params)) if i not in wrapper["state"]]
+        groups = state_dict["param_groups"]
+        ids = [pid for group in groups for pid in group["params"]]
+        if len(ids) != len(params):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        old_format = state_dict.get("wrapper")
+        if old_format is not None:
+            saved = {p: old_format["state"].get(i) for i, p in enumerate(params)}
+            counters = {key: old_format[key] for key in self.GROUP_KEYS}
+        else:
+            entries = {p: state_dict["state"].get(pid, {}) for pid, p in zip(ids, params, strict=True)}
+            saved = {p: {key: entry[key] for key in self.STATE_KEYS if key in entry} or None
+                     for p, entry in entries.items()}
+            counters = {key: groups[0][key] for key in self.GROUP_KEYS if groups and key in groups[0]}
+        restart = all(entry is None for entry in saved.values())
+        if not restart:
+            missing = [i for i, p in enumerate(params) if saved[p] is None or set(self.STATE_KEYS) - set(saved[p])]
             if missing:
-                raise ValueError(f"the wrapper state holds no slow weights for params {missing[:5]}")
+                raise ValueError(f"the state dict holds no {'/'.join(self.STATE_KEYS)} for params {missing[:5]}")
             for i, p in enumerate(params):
-                if wrapper["state"][i]["slow_param"].shape != p.shape:
-                    raise ValueError(f"slow weights of param {i} have shape "
-                                     f"{tuple(wrapper['state'][i]['slow_param'].shape)}, the param {tuple(p.shape)}")
-        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "wrapper"})
+                if saved[p]["slow_param"].numel() != p.numel():
+                    raise ValueError(f"slow weights of param {i} have shape {tuple(saved[p]['slow_param'].shape)}, "
+                                     f"the param {tuple(p.shape)}")
+            if len(counters) != len(self.GROUP_KEYS):
+                raise ValueError(f"the state dict has slow weights but not the counters {self.GROUP_KEYS}")
+        base_state = {pid: {k: v for k, v in entry.items() if k not in self.STATE_KEYS}
+                      for pid, entry in state_dict["state"].items()}
+        base_groups = [{k: v for k, v in group.items() if k not in self.GROUP_KEYS} for group in groups]
+        self.base_optimizer.load_state_dict({"state": base_state, "param_groups": base_groups})
         self._holder.attach_slow_weights()
         with torch.no_grad():
-            if wrapper is None:
+            if restart:
                 for p in params:
-                    self.state[p]["slow_param"].copy_(p)
-                return
-            self.fast_steps = int(wrapper["fast_steps"])
-            self.defaults.update(sync_rate=float(wrapper["sync_rate"]), sync_period=int(wrapper["sync_period"]))
-            self._rate = torch.tensor([self.sync_rate], dtype=torch.float32)
-            for i, p in enumerate(params):
-                self._load_wrapper_state(p, wrapper["state"][i])
+                    local(self.state[p]["slow_param"]).copy_(local(p))
+            else:
+                self.fast_steps = int(counters["fast_steps"])
+                self._settings.update(sync_rate=float(counters["sync_rate"]), sync_period=int(counters["sync_period"]))
+                self._rate = torch.tensor([self.sync_rate], dtype=torch.float32)
+                for p in params:
+                    self._load_wrapper_state(p, saved[p])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"base_optimizer": self.base_optimizer, "defaults": self.defaults, "_holder": self._holder,
+        return {"base_optimizer": self.base_optimizer, "_settings": self._settings, "_holder": self._holder,
                 "fast_steps": self.fast_steps, "_rate": self._rate, "_fused_sync": self._fused_sync}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -183,7 +262,7 @@ class _SyncWrapper(Optimizer):
     def __repr__(self) -> str:
         base = repr(self.base_optimizer).replace("\n", "\n\t")
         lines = [f"{type(self).__name__} (", f"base_optimizer={base},"]
-        lines += [f"{key}: {value}" for key, value in self.defaults.items()]
+        lines += [f"{key}: {value}" for key, value in self._settings.items()]
         return "\n".join(lines + [")"])
 
 
@@ -283,7 +362,7 @@ class Scout(_SyncWrapper):
                 for i, q in enumerate(bucket.params):
                     if q not in self._snapshots:
                         segment = flat[:, bucket.offsets[i]:bucket.offsets[i] + bucket.numels[i]]
-                        self._snapshots[q] = segment.view(self.sync_period, *q.shape)
+                        self._snapshots[q] = segment.view(self.sync_period, *bucket.tensors[i].shape)
             buffer = self._snapshots[p]
         return buffer
 
@@ -291,34 +370,57 @@ class Scout(_SyncWrapper):
         slot = (self.fast_steps - 1) % self.sync_period
         with torch.no_grad():
             for p in self._params():
-                self.snapshots(p)[slot].copy_(p)
+                self.snapshots(p)[slot].copy_(local(p))
         if self.fast_steps % self.sync_period == 0:
             self._holder.sync_now(self.last_rate())  # after the step: the rate needs its result
 
+    STATE_KEYS = ("slow_param", "snapshots")
+
     def _wrapper_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {**super()._wrapper_state(p), "snapshots": self.snapshots(p)}
+        snapshots = self.snapshots(p)
+        if is_dtensor(p):  # [k, *shape]: distributed like the param, one dimension further in
+            placements = [Shard(pl.dim + 1) if pl.is_shard() else pl for pl in p.placements]
+            shape = (self.sync_period, *p.shape)
+            stride = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+            snapshots = DTensor.from_local(snapshots, p.device_mesh, placements, shape=torch.Size(shape),
+                                           stride=stride, run_check=False)
+        return {**super()._wrapper_state(p), "snapshots": snapshots}
 
     def _load_wrapper_state(self, p: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
         super()._load_wrapper_state(p, saved)
-        self.snapshots(p).copy_(saved["snapshots"])
+        value = saved["snapshots"]
+        if is_dtensor(value):
+            value = value.to_local()
+        elif is_dtensor(p):  # a full [k, *shape] tensor: this rank's rows of every snapshot
+            value = torch.stack([local_value(snapshot, p) for snapshot in value])
+        self.snapshots(p).copy_(value.reshape(self.snapshots(p).shape))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_snapshots": self._snapshots}
 
     @torch.no_grad()
     def last_rate(self) -> torch.Tensor:
-        """The rate the current ring buffer gives (a 0-d device tensor)."""
-        coherences, counted = [], []
-        for p in self._params():
-            history = torch.cat([self.state[p]["slow_param"].unsqueeze(0), self.snapshots(p)])
-            updates = (history[1:] - history[:-1]).reshape(self.sync_period, -1)
-            deviation = (updates - updates.mean(0)).abs().amax(0)
-            varies = deviation > 0
-            ratio = torch.where(varies, updates.std(0) / torch.where(varies, deviation, 1.0), 0.0)
-            count = varies.sum()
-            coherences.append(ratio.sum() / count.clamp(min=1))
-            counted.append(count > 0)
-        coherence, counted_t = torch.stack(coherences), torch.stack(counted)
-        mean = (coherence * counted_t).sum() / counted_t.sum().clamp(min=1)
-        rate = torch.where(counted_t.any(), torch.clamp(1.0 - mean, min=self.sync_rate), self.sync_rate)
+        """The rate the current ring buffer gives (a 0-d device tensor). On sharded params each tensor's sums are
+        added up over its shards first (one all-reduce per mesh)."""
+        sums, shardings = [], []  # per param: its ratios' sum and how many entries varied
+        for bucket in self._holder.bucket_layout():
+            for i, p in enumerate(bucket.params):
+                history = torch.cat([bucket.view("slow_param", i).unsqueeze(0), self.snapshots(p)])
+                updates = (history[1:] - history[:-1]).reshape(self.sync_period, -1)
+                deviation = (updates - updates.mean(0)).abs().amax(0)
+                varies = deviation > 0
+                ratio = torch.where(varies, updates.std(0) / torch.where(varies, deviation, 1.0), 0.0)
+                # fp64 holds the fp32 sum and the count exactly, and their sums over shards
+                sums.append(torch.stack([ratio.sum().double(), varies.sum().double()]))
+                shardings.append(bucket.sharding)
+        table = torch.stack(sums)
+        for sharding in {id(s): s for s in shardings if s is not None}.values():
+            rows = torch.tensor([i for i, s in enumerate(shardings) if s is sharding], device=table.device)
+            shard_sums = table.index_select(0, rows)
+            sharding.all_reduce(shard_sums)
+            table.index_copy_(0, rows, shard_sums)
+        count = table[:, 1].long()
+        coherence, counted = table[:, 0].float() / count.clamp(min=1), count > 0
+        mean = (coherence * counted).sum() / counted.sum().clamp(min=1)
+        rate = torch.where(counted.any(), torch.clamp(1.0 - mean, min=self.sync_rate), self.sync_rate)
         return rate.to(torch.float32)
