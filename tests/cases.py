@@ -89,10 +89,21 @@ CASES: list[Case] = [
 
 CASE_IDS = [c.name for c in CASES]
 
+#: Every case by its name: tests select a case by name, never by its position in CASES.
+CASE_BY_NAME: dict[str, Case] = {c.name: c for c in CASES}
+assert len(CASE_BY_NAME) == len(CASES), "case names must be unique"
+
+
+def case_named(name: str) -> Case:
+    """The case called ``name``; a KeyError listing the known names otherwise."""
+    try:
+        return CASE_BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no case named {name!r}; known cases: {', '.join(CASE_BY_NAME)}") from None
+
 #: The first case of each optimizer: where a test runs through the interpreter only to show that a mechanism
 #: works for every optimizer (the options are covered by the parity test).
 FIRST_CASES: list[Case] = list({case.cls: case for case in reversed(CASES)}.values())
-
 
 
 def case_backends(backends: list[str], triton_cases: list[Case] | None = None) -> list:
@@ -103,5 +114,6 @@ def case_backends(backends: list[str], triton_cases: list[Case] | None = None) -
     return [pytest.param(case, backend, id=f"{case.name}-{backend}") for case in CASES for backend in backends
             if not (backend == "cpu" and case.cls.rule.cpu is None)
             and not (backend == "triton" and triton_cases is not None and case not in triton_cases)]
+
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from cases import CASES, FIRST_CASES
+from cases import CASES, FIRST_CASES, case_named
 from helpers import assert_param_close, assert_state_close
 
 from fusedoptim import AdaBelief, Adan, _cpu
@@ -60,7 +60,7 @@ def test_cpu_backend_without_compiler_raises_clearly(no_compiler):
 
 
 def test_auto_without_compiler_warns_once_and_runs_the_reference(no_compiler):
-    case = CASES[0]
+    case = case_named("adabelief")
     p, q = torch.randn(6), torch.randn(6)
     q.copy_(p)
     with pytest.warns(RuntimeWarning, match="g\\+\\+: command not found.*reference") as record:
