@@ -34,7 +34,7 @@ def test_profiles_have_the_models_parameter_counts(name, tensors, elements):
 @pytest.mark.parametrize(("algo", "dtype", "expected"), [
     ("adabelief", torch.float32, 28), ("adan", torch.float32, 44), ("ademamix", torch.float32, 36),
     ("adabelief", torch.bfloat16, 22),  # bf16 p, g; fp32 states
-    ("adan", torch.bfloat16, 34),  # and Adan's previous gradient in bf16 (anchors §8)
+    ("adan", torch.bfloat16, 34),  # and Adan's previous gradient in bf16 (docs/design.md#bytes-model)
     ("adamw", torch.float32, 28), ("adamw", torch.bfloat16, 14),  # torch keeps AdamW's states in the param dtype
 ])
 def test_bytes_model_matches_design_table(algo, dtype, expected):

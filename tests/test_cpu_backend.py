@@ -176,7 +176,7 @@ def _tables(opt):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.cls.rule.two_pass], ids=lambda c: c.name)
 def test_cpp_finalize_is_the_shared_finalize(case):
-    """The C++ step's finalize (csrc/<name>.h) is the shared ``finalize`` of fusedoptim/<name>.py that the Triton
+    """The C++ step's finalize (csrc/<name>.h) is the shared ``finalize`` of optim/<name>.py that the Triton
     and reference paths run: given the step's own sums, both give the same factors and per-tensor states (TAdam's
     W_t) to a few fp32 ulps (torch's fp32 sqrt on CPU is not correctly rounded: 16% of the results of
     ``x.sqrt()`` differ from ``x.double().sqrt().float()`` by 1 ulp; the C++ one is). Over steps with and
