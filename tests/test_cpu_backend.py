@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from cases import CASES, FIRST_CASES, case_named
-from helpers import assert_param_close, assert_state_close
+from helpers import assert_param_close, assert_state_close, assert_tensor_state_close
 
 from fusedoptim import AdaBelief, Adan, _cpu
 
@@ -358,8 +358,8 @@ def test_sync_in_the_last_pass_equals_the_separate_sync(case):
         assert torch.equal(opt_f.state[p]["slow_param"], opt_s.state[q]["slow_param"]), f"tensor {i} slow"
         if p.dtype == torch.float32:
             assert_param_close(p, r, f"{case.name} tensor {i}")
-            torch.testing.assert_close(opt_f.state[p]["slow_param"], opt_r.state[r]["slow_param"], rtol=1e-5,
-                                       atol=1e-6)
+            assert_tensor_state_close(opt_f.state[p]["slow_param"], opt_r.state[r]["slow_param"],
+                                      f"{case.name} tensor {i} slow")
 
 
 def test_sync_of_a_torch_base_runs_the_cpp_sync():
@@ -384,5 +384,5 @@ def test_sync_of_a_torch_base_runs_the_cpp_sync():
         for p, q in zip(a, b, strict=True):
             if p.dtype == torch.float32:  # the same torch SGD steps; only the sync differs
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"], rtol=1e-5,
-                                           atol=1e-6)
+                assert_tensor_state_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"],
+                                          f"{wrapper.__name__} slow")
