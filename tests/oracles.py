@@ -137,7 +137,7 @@ def lamb_oracle(param, grads, lr, betas, eps, weight_decay, scale_clip, bias_cor
 
 
 def ralars_oracle(param, grads, lr, betas, eps, weight_decay, force_adaptive_momentum, scale_clip, maximize):
-    """holocron's RaLars (seed-semantics §4): RAdam moments, ρ_t > 4, then LAMB's trust ratio."""
+    """holocron's RaLars (README.md#semantics): RAdam moments, ρ_t > 4, then LAMB's trust ratio."""
     beta1, beta2 = betas
     lo, hi = scale_clip or (0.0, 10.0)
     rho_inf = 2 / (1 - beta2) - 1

@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 import torch
-from cases import CASES, FIRST_CASES
-from helpers import assert_param_close, assert_state_close
+from cases import CASES, FIRST_CASES, case_named
+from helpers import assert_param_close, assert_state_close, assert_tensor_state_close
 
 from fusedoptim import AdaBelief, Adan, _cpu
 
@@ -60,7 +60,7 @@ def test_cpu_backend_without_compiler_raises_clearly(no_compiler):
 
 
 def test_auto_without_compiler_warns_once_and_runs_the_reference(no_compiler):
-    case = CASES[0]
+    case = case_named("adabelief")
     p, q = torch.randn(6), torch.randn(6)
     q.copy_(p)
     with pytest.warns(RuntimeWarning, match="g\\+\\+: command not found.*reference") as record:
@@ -176,7 +176,7 @@ def _tables(opt):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.cls.rule.two_pass], ids=lambda c: c.name)
 def test_cpp_finalize_is_the_shared_finalize(case):
-    """The C++ step's finalize (csrc/<name>.h) is the shared ``finalize`` of fusedoptim/<name>.py that the Triton
+    """The C++ step's finalize (csrc/<name>.h) is the shared ``finalize`` of optim/<name>.py that the Triton
     and reference paths run: given the step's own sums, both give the same factors and per-tensor states (TAdam's
     W_t) to a few fp32 ulps (torch's fp32 sqrt on CPU is not correctly rounded: 16% of the results of
     ``x.sqrt()`` differ from ``x.double().sqrt().float()`` by 1 ulp; the C++ one is). Over steps with and
@@ -358,8 +358,8 @@ def test_sync_in_the_last_pass_equals_the_separate_sync(case):
         assert torch.equal(opt_f.state[p]["slow_param"], opt_s.state[q]["slow_param"]), f"tensor {i} slow"
         if p.dtype == torch.float32:
             assert_param_close(p, r, f"{case.name} tensor {i}")
-            torch.testing.assert_close(opt_f.state[p]["slow_param"], opt_r.state[r]["slow_param"], rtol=1e-5,
-                                       atol=1e-6)
+            assert_tensor_state_close(opt_f.state[p]["slow_param"], opt_r.state[r]["slow_param"],
+                                      f"{case.name} tensor {i} slow")
 
 
 def test_sync_of_a_torch_base_runs_the_cpp_sync():
@@ -384,5 +384,5 @@ def test_sync_of_a_torch_base_runs_the_cpp_sync():
         for p, q in zip(a, b, strict=True):
             if p.dtype == torch.float32:  # the same torch SGD steps; only the sync differs
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"], rtol=1e-5,
-                                           atol=1e-6)
+                assert_tensor_state_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"],
+                                          f"{wrapper.__name__} slow")

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from cases import CASES, FIRST_CASES, case_backends
+from cases import CASES, FIRST_CASES, case_backends, case_named
 
 BACKENDS = ["reference", "triton", "cpu"]
 
@@ -50,7 +50,7 @@ def test_trains_a_small_model_with_closure_and_scheduler(case, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scaler_skips_inf_steps(backend):
-    case = CASES[0]
+    case = case_named("adabelief")
     model, (x, y) = _model(), _batch()
     opt = case.make(model.parameters(), backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -69,7 +69,7 @@ def test_grad_scaler_skips_inf_steps(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_add_param_group_then_step(backend):
-    case = CASES[4]
+    case = case_named("adan")
     a, b = torch.randn(5), torch.randn(7, dtype=torch.bfloat16)
     opt = case.make([a], backend=backend)
     a.grad = torch.randn(5)
@@ -86,7 +86,7 @@ def test_add_param_group_then_step(backend):
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_copies_continue_identically(backend, how):
-    case = CASES[2]
+    case = case_named("adabelief-decoupled-amsgrad")
     params = [torch.randn(9), torch.randn(3, 4)]
     opt = case.make(params, backend=backend)
     for p in params:
@@ -111,7 +111,7 @@ def test_copies_continue_identically(backend, how):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_param_storage_replaced_between_steps(backend):
     """`p.data = ...` (as model.to() does) moves the param; the address tables follow, state is kept."""
-    case = CASES[7]
+    case = case_named("ademamix")
     p = torch.randn(20)
     q = p.clone()
     opt, ref = case.make([p], backend=backend), case.make([q], backend="reference")
@@ -137,7 +137,7 @@ def test_grad_is_never_modified():
 
 def test_zero_grad_sets_to_none():
     p = torch.randn(3)
-    opt = CASES[0].make([p])
+    opt = case_named("adabelief").make([p])
     p.grad = torch.randn(3)
     opt.zero_grad()
     assert p.grad is None

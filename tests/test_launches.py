@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASES, FIRST_CASES
+from cases import FIRST_CASES, case_named
 
 from fusedoptim.kernels import LAUNCH_COUNTS
 
@@ -31,7 +31,7 @@ def test_launches_do_not_grow_with_tensor_count(case):
 
 
 def test_one_launch_per_bucket():
-    case = CASES[0]
+    case = case_named("adabelief")
     groups = [
         {"params": [torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(5)]},  # 2 dtypes: 2 buckets
         {"params": [torch.zeros(6)], "lr": 0.1},                                             # 1 bucket
@@ -41,7 +41,7 @@ def test_one_launch_per_bucket():
 
 
 def test_no_launch_for_a_bucket_without_gradients():
-    case = CASES[0]
+    case = case_named("adabelief")
     a, b = torch.zeros(4), torch.zeros(4, dtype=torch.float16)
     opt = case.make([a, b], backend="triton")
     before = LAUNCH_COUNTS["multi_tensor_step_kernel"]

@@ -46,8 +46,8 @@ def test_chunks_cover_each_element_once(numels, block, rows):
 
 
 def test_bytes_model_matches_design_minimums():
-    """DESIGN §5: AdaBelief 28, AdEMAMix 36, Adan 44 B/param in fp32; bf16 params with fp32 state save 6 B, and Adan
-    4 B more with its previous-gradient copy in bf16 (anchors §8: 34 B)."""
+    """docs/design.md#bytes-model: AdaBelief 28, AdEMAMix 36, Adan 44 B/param in fp32; bf16 params with fp32 state
+    save 6 B, and Adan 4 B more with its previous-gradient copy in bf16 (34 B)."""
     import torch
 
     from fusedoptim import LAMB, LARS, AdaBelief, AdamP, Adan, AdEMAMix, RaLars, TAdam
@@ -59,7 +59,7 @@ def test_bytes_model_matches_design_minimums():
         assert opt.bytes_per_param(opt.param_groups[0], torch.bfloat16) == bf16_bytes
     amsgrad = AdaBelief(p, amsgrad=True)
     assert amsgrad.bytes_per_param(amsgrad.param_groups[0], torch.float32) == 36
-    # two-pass rules: LARS 28 (with momentum), LAMB / RaLars / AdamP / TAdam 40 (DESIGN §5)
+    # two-pass rules: LARS 28 (with momentum), LAMB / RaLars / AdamP / TAdam 40 (docs/design.md#bytes-model)
     for opt, fp32_bytes in ((LARS(p, momentum=0.9), 28), (LAMB(p), 40), (RaLars(p), 40), (AdamP(p), 40),
                             (TAdam(p), 40)):
         assert opt.bytes_per_param(opt.param_groups[0], torch.float32) == fp32_bytes, type(opt).__name__

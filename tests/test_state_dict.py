@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from cases import CASES, FIRST_CASES, case_backends
+from cases import FIRST_CASES, case_backends, case_named
 
 BACKENDS = ["reference", "triton", "cpu"]
 
@@ -53,7 +53,7 @@ def test_save_load_continue_is_identical(case, backend, dtype):
 
 
 def test_state_dict_has_torch_format_and_views():
-    case = CASES[0]
+    case = case_named("adabelief")
     p = torch.randn(10)
     opt = case.make([p])
     p.grad = torch.randn(10)
@@ -70,7 +70,7 @@ def test_state_dict_has_torch_format_and_views():
 
 
 def test_load_rejects_mismatched_state_without_changing_anything():
-    case = CASES[0]
+    case = case_named("adabelief")
     p = torch.randn(10)
     opt = case.make([p])
     p.grad = torch.randn(10)

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import assert_param_close
+from helpers import assert_param_close, assert_tensor_state_close
 
 from fusedoptim import LAMB, AdaBelief, AdEMAMix, Lookahead, Scout
 
@@ -53,7 +53,7 @@ def test_lookahead_is_the_papers_algorithm(base, rate, period):
         for p, q, s in zip(params, ref_params, slow, strict=True):
             assert_param_close(p, q, f"{base} step {step}")  # bf16: 1 ULP (fp32 vs fp64 slow weights)
             if p.dtype == torch.float32:
-                torch.testing.assert_close(opt.state[p]["slow_param"].double(), s, rtol=1e-5, atol=1e-6)
+                assert_tensor_state_close(opt.state[p]["slow_param"], s, f"{base} slow {step}")
             else:  # the fast weight the sync reads is 1 ULP apart at most, so is the slow one in that dtype
                 assert_param_close(opt.state[p]["slow_param"].to(p.dtype), s.to(p.dtype), f"{base} slow {step}")
             with torch.no_grad():  # measure each step on its own
@@ -106,20 +106,45 @@ def test_checkpoint_mid_period_resumes_identically(wrapper, base):
     assert opt.fast_steps == fresh.fast_steps == 11
 
 
+def _base(name, groups):
+    return AdEMAMix(groups, lr=0.1) if name == "ademamix" else torch.optim.SGD(groups, lr=0.1)
+
+
+def _wrapped(wrapper, base):
+    # Scout at sync_rate 0: its rate is 1 − coherence, not clamped to sync_rate, so the sync depends on the snapshots
+    return wrapper(base, sync_rate=0.0) if wrapper is Scout else wrapper(base)
+
+
+SCOUT_ADD_GROUP = pytest.mark.xfail(strict=True, reason=(
+    "Scout.add_param_group mid-period: the snapshots of the steps before the param was added are zeros, not its "
+    "value, so the next sync's coherence sees an update of -θ and then +θ for it (optim/wrappers.py, snapshots())"))
+
+
 @pytest.mark.parametrize("base", ["ademamix", "sgd"])
-@pytest.mark.parametrize("wrapper", [Lookahead, Scout])
+@pytest.mark.parametrize("wrapper", [Lookahead, pytest.param(Scout, marks=SCOUT_ADD_GROUP)])
 def test_scheduler_and_add_param_group(wrapper, base):
-    params = _params()
-    opt = wrapper(AdEMAMix(params[:2], lr=0.1) if base == "ademamix" else torch.optim.SGD(params[:2], lr=0.1))
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    """A group added after the first step steps and syncs exactly as if it had been there from the start without
+    a gradient on that step (its slow weight is its value when added), bitwise, and so do the other params."""
+    params, ref_params = _params(), _params()
+    opt = _wrapped(wrapper, _base(base, params[:2]))
+    # the reference: the third param in its own group from the start, at twice the lr the scheduler halves
+    ref = _wrapped(wrapper, _base(base, [{"params": ref_params[:2]}, {"params": ref_params[2:], "lr": 0.02}]))
+    sched, ref_sched = (torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, ref))
     _step(opt, params[:2], 1)
+    _step(ref, ref_params[:2], 1)  # ref_params[2] has no gradient: not stepped
     sched.step()
+    ref_sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.05
     assert opt.param_groups is opt.base_optimizer.param_groups
     opt.add_param_group({"params": [params[2]], "lr": 0.01})
-    for step in range(2, 14):
+    assert ref.param_groups[1]["lr"] == opt.param_groups[1]["lr"] == 0.01
+    assert torch.equal(opt.state[params[2]]["slow_param"], ref.state[ref_params[2]]["slow_param"])
+    for step in range(2, 14):  # two syncs (steps 6 and 12)
         _step(opt, params, step)
-    assert all(torch.isfinite(p.float()).all() for p in params)
+        _step(ref, ref_params, step)
+        for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
+            assert torch.equal(p, q), f"step {step} param {i}"
+            assert torch.equal(opt.state[p]["slow_param"], ref.state[q]["slow_param"]), f"step {step} slow {i}"
     assert opt.state[params[2]]["slow_param"].dtype == torch.float32
 
 
@@ -189,18 +214,31 @@ def test_scout_rate_is_holocrons_statistic():
     assert opt.last_rate().item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("base", ["sgd", "ademamix"])
 @pytest.mark.parametrize("wrapper", [Lookahead, Scout])
-def test_repr_deepcopy_and_pickle(wrapper):
+def test_repr_deepcopy_and_pickle(wrapper, base):
+    """A deep copy and a pickled copy, taken after one step, are independent of the original and, stepped with
+    the same gradients across a sync, equal the original bitwise (params, slow weights, base states)."""
     params = _params()
-    opt = wrapper(torch.optim.SGD(params, lr=0.1))
+    opt = _wrapped(wrapper, _base(base, params))
     assert len(repr(opt).split("\n")) == len(repr(opt.base_optimizer).split("\n")) + 4
     _step(opt, params, 1)
-    for clone in (copy.deepcopy((params, opt)), pickle.loads(pickle.dumps((params, opt)))):
-        params2, opt2 = clone
-        for step in range(2, 9):
+    before = [p.clone() for p in params]
+    clones = [copy.deepcopy((params, opt)), pickle.loads(pickle.dumps((params, opt)))]
+    for params2, opt2 in clones:
+        for step in range(2, 9):  # a sync at step 6
             _step(opt2, params2, step)
-        assert opt2.fast_steps == 8 and all(torch.isfinite(p.float()).all() for p in params2)
-        assert opt.fast_steps == 1  # the original is untouched
+        assert opt2.fast_steps == 8
+    assert opt.fast_steps == 1 and all(torch.equal(p, b) for p, b in zip(params, before, strict=True))  # untouched
+    for step in range(2, 9):
+        _step(opt, params, step)
+    for params2, opt2 in clones:
+        for i, (p, q) in enumerate(zip(params, params2, strict=True)):
+            assert torch.equal(p, q), f"param {i}"
+            assert opt.state[p].keys() == opt2.state[q].keys()
+            for name, value in opt.state[p].items():
+                assert torch.equal(value, opt2.state[q][name]), f"param {i} {name}"
+            assert opt.state[p]["slow_param"].data_ptr() != opt2.state[q]["slow_param"].data_ptr()
 
 
 SYNC_BASES = {
@@ -236,8 +274,7 @@ def test_fused_sync_matches_separate_and_reference(base):
     for p, q in zip(in_step, ref_params, strict=True):
         if p.dtype == torch.float32:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(opt_a.state[p]["slow_param"], ref.state[q]["slow_param"], rtol=1e-5,
-                                       atol=1e-6)
+            assert_tensor_state_close(opt_a.state[p]["slow_param"], ref.state[q]["slow_param"], f"{base} slow")
 
 
 def test_triton_sync_of_a_torch_base_matches_reference():
@@ -253,4 +290,4 @@ def test_triton_sync_of_a_torch_base_matches_reference():
         # fp32 params (bf16 ones drift by interpreter truncation over several syncs; per step: test_parity)
         if p.dtype == torch.float32:  # the same torch SGD steps; only the sync differs
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"], rtol=1e-5, atol=1e-6)
+            assert_tensor_state_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"], "slow")
