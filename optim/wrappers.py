@@ -366,6 +366,15 @@ class Scout(_SyncWrapper):
             buffer = self._snapshots[p]
         return buffer
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group mid-period as if it had been there from the start without a gradient: its snapshots of the
+        steps already taken in this period are its value now (zeros would read as an update of -θ, then +θ)."""
+        super().add_param_group(param_group)
+        taken = self.fast_steps % self.sync_period
+        with torch.no_grad():
+            for p in self.param_groups[-1]["params"]:
+                self.snapshots(p)[:taken].copy_(local(p).unsqueeze(0).expand(taken, *local(p).shape))
+
     def _after_base_step(self) -> None:
         slot = (self.fast_steps - 1) % self.sync_period
         with torch.no_grad():

@@ -12,20 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import CASES, FIRST_CASES
+from cases import FIRST_CASES, case_named
 from distributed import environment_ok, spawn
+from helpers import state_atol
 
 from fusedoptim import Lookahead, Scout
 
 pytestmark = pytest.mark.skipif(environment_ok() is not None, reason=str(environment_ok()))
 
 STEPS = 5
-_BY_NAME = {case.name: case for case in CASES}
-
-
-def case_named(name):
-    return _BY_NAME[name]
-
 #: (case, backend, wrapper): every optimizer on every backend, and both wrappers (around a two-pass rule, a torch
 #: optimizer and an elementwise rule).
 JOBS = [(case.name, backend, None) for case in FIRST_CASES for backend in ("cpu", "reference", "triton")] + [
@@ -120,10 +115,10 @@ def _expected_all_reduces(job: tuple, step: int) -> int:
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> float:
-    """fp32 rtol 1e-5 with an atol relative to the tensor's magnitude; returns the max relative error."""
+    """fp32 rtol 1e-5 with the scale-aware atol of tests/helpers.py; returns the max error relative to the
+    tensor's magnitude."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=state_atol(expected), msg=lambda m: f"{what}: {m}")
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    atol = max(1e-6 * scale, 1e-12)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
     return ((actual.double() - expected.double()).abs().max().item() / scale) if scale else 0.0
 
 

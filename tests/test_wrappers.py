@@ -115,13 +115,8 @@ def _wrapped(wrapper, base):
     return wrapper(base, sync_rate=0.0) if wrapper is Scout else wrapper(base)
 
 
-SCOUT_ADD_GROUP = pytest.mark.xfail(strict=True, reason=(
-    "Scout.add_param_group mid-period: the snapshots of the steps before the param was added are zeros, not its "
-    "value, so the next sync's coherence sees an update of -θ and then +θ for it (optim/wrappers.py, snapshots())"))
-
-
 @pytest.mark.parametrize("base", ["ademamix", "sgd"])
-@pytest.mark.parametrize("wrapper", [Lookahead, pytest.param(Scout, marks=SCOUT_ADD_GROUP)])
+@pytest.mark.parametrize("wrapper", [Lookahead, Scout])
 def test_scheduler_and_add_param_group(wrapper, base):
     """A group added after the first step steps and syncs exactly as if it had been there from the start without
     a gradient on that step (its slow weight is its value when added), bitwise, and so do the other params."""
