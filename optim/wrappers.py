@@ -414,6 +414,10 @@ class Scout(_SyncWrapper):
         sums, shardings = [], []  # per param: its ratios' sum and how many entries varied
         for bucket in self._holder.bucket_layout():
             for i, p in enumerate(bucket.params):
+                if bucket.numels[i] == 0:  # an empty shard: nothing of this tensor here
+                    sums.append(torch.zeros(2, dtype=torch.float64, device=bucket.device))
+                    shardings.append(bucket.sharding)
+                    continue
                 history = torch.cat([bucket.view("slow_param", i).unsqueeze(0), self.snapshots(p)])
                 updates = (history[1:] - history[:-1]).reshape(self.sync_period, -1)
                 deviation = (updates - updates.mean(0)).abs().amax(0)

@@ -246,6 +246,45 @@ def test_dcp_resume_is_bitwise_and_reshards(tmp_path):
             assert torch.equal(three[0][job]["loaded"][key], value), f"{job} world size 3: loaded {key}"
 
 
+def _full_state_dict_round_trip(rank: int, world_size: int, jobs: list[tuple]) -> dict[tuple, tuple[bool, bool]]:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    full = StateDictOptions(full_state_dict=True)
+    out = {}
+    for job in jobs:
+        model, model2 = _model(), _model()
+        fully_shard(model)
+        fully_shard(model2)
+        opt = _optimizer(job, list(model.parameters()))
+        for step in range(3):
+            _fsdp_step(model, opt, rank, step)
+        state = get_optimizer_state_dict(model, opt, options=full)  # whole tensors on every rank
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+                q.copy_(p)
+        opt2 = _optimizer(job, list(model2.parameters()))
+        set_optimizer_state_dict(model2, opt2, state, options=full)  # cut back into the local shards
+        before, loaded = _snapshot(model, opt), _snapshot(model2, opt2)
+        for step in range(3, 5):
+            _fsdp_step(model, opt, rank, step)
+            _fsdp_step(model2, opt2, rank, step)
+        after, resumed = _snapshot(model, opt), _snapshot(model2, opt2)
+        out[job] = (before.keys() == loaded.keys() and all(torch.equal(loaded[k], v) for k, v in before.items()),
+                    all(torch.equal(resumed[k], v) for k, v in after.items()))
+    return out
+
+
+def test_full_state_dict_round_trip():
+    jobs = [("lamb", "cpu", None), ("adamp", "cpu", "scout"), ("tadam", "reference", "lookahead")]
+    for rank_result in spawn(2, _full_state_dict_round_trip, jobs, timeout=300):
+        assert rank_result == {job: (True, True) for job in jobs}
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as intended
 def test_single_process_dcp_keeps_the_wrappers_state(tmp_path):
     import torch.distributed.checkpoint as dcp
