@@ -32,7 +32,8 @@ def lamb_prepare(param, grad, state, step,
 def lamb_apply(param, grad, state, step, trust_ratio,
                lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, scale_lo, scale_hi,
                bias_correction: tl.constexpr):
-    # The update is recomputed from θ, m, v instead of stored by pass A: 40 B/param instead of 48.
+    # The update is recomputed from θ, m, v, not stored by pass A: the same 40 B/param in fp32 (storing u adds a
+    # write to pass A and trades pass B's reads of m, v for one of u) without a 4 B/param buffer for it.
     update = _lamb_direction(param, state[0], state[1], step, log_beta1, log_beta2, eps, weight_decay,
                              bias_correction)
     return param - lr * trust_ratio * update, state
