@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import triton
@@ -61,8 +61,7 @@ def device_ok(device: torch.device) -> str | None:
 def launch_step(
     rule: triton.JITFunction,
     flags: tuple,
-    tables: torch.Tensor,
-    sizes: TableSizes,
+    tables: Tables,
     steps: torch.Tensor,
     states: Sequence[torch.Tensor],
     hyper: tuple[float, ...],
@@ -79,13 +78,14 @@ def launch_step(
 ) -> None:
     """One launch of the multi-tensor template over a bucket.
 
-    ``tables`` is one int64 tensor packing the address tables and the chunk table (``pack_tables``), copied to
-    the device in a single transfer; ``sizes`` are its tensors, segments and chunks. With
+    ``tables``: the bucket's pointer table and the chunk table of the tensors stepped (``Tables``). With
     ``partials`` ([C, K]) this is pass A of a rule with per-tensor statistics, with ``factors`` ([S, F]) pass B;
     with ``slow`` and ``sync_rate`` (fp32[1] on the device) it also performs Lookahead's sync.
     """
+    check_devices(steps.device, tables=tables[:2], states=states, partials=partials, factors=factors, slow=slow,
+                  sync_rate=sync_rate)
     (param_ptrs, grad_ptrs, state_offsets, _, _, chunk_tensor, chunk_start, chunk_end,
-     chunk_segment) = split_tables(tables, sizes)
+     chunk_segment) = split_tables(tables)
     options = step_options(rule, flags, param_dtype, maximize, aligned,
                            num_sums=0 if partials is None else partials.shape[1],
                            num_factors=0 if factors is None else factors.shape[1],
@@ -93,11 +93,20 @@ def launch_step(
     # Triton launches on the *current* CUDA device, which need not be the bucket's.
     guard = torch.cuda.device(steps.device) if steps.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        multi_tensor_step_kernel[(sizes.chunks,)](
+        multi_tensor_step_kernel[(tables.sizes.chunks,)](
             param_ptrs, grad_ptrs, state_offsets, steps, chunk_tensor, chunk_start, chunk_end, chunk_segment,
             tuple(states), tuple(hyper), steps if partials is None else partials, steps if factors is None else factors,
             steps if slow is None else slow, steps if sync_rate is None else sync_rate, **options)
     LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
+
+
+def check_devices(device: torch.device, **tensors: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
+    """Every tensor a kernel reads through a pointer must live on the params' device: a host pointer passed to a
+    CUDA kernel is an illegal address (Triton refuses it at launch; a raw pointer in a table would not be)."""
+    for name, value in tensors.items():
+        for t in (value,) if isinstance(value, torch.Tensor) else value or ():
+            if t.device != device:
+                raise ValueError(f"fusedoptim launcher: {name} is on {t.device}, the params on {device}")
 
 
 def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtype, maximize: bool, aligned: bool,
@@ -135,41 +144,78 @@ def segment_sum_options(num_sums: int) -> dict:
 SEGMENT_SUM_SIGNATURE = {"partials": "*fp32", "segment_begin": "*i64", "segment_end": "*i64", "sums": "*fp32"}
 
 
-def launch_segment_sum(partials: torch.Tensor, tables: torch.Tensor, sizes: TableSizes, sums: torch.Tensor) -> None:
+def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tensor) -> None:
     """sums[s, k] = the partials of segment s's chunks, added in a fixed order (one program per segment)."""
-    segment_begin, segment_end = split_tables(tables, sizes)[3:5]
+    check_devices(sums.device, partials=partials, tables=tables.chunks)
+    segment_begin, segment_end = split_tables(tables)[3:5]
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        segment_sum_kernel[(sizes.segments,)](partials, segment_begin, segment_end, sums,
+        segment_sum_kernel[(tables.sizes.segments,)](partials, segment_begin, segment_end, sums,
                                         **segment_sum_options(partials.shape[1]))
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 
 class TableSizes(NamedTuple):
-    """The lengths of the packed table's parts: per tensor, per segment and per chunk."""
+    """The lengths of a chunk table's parts: per tensor, per segment and per chunk."""
 
     tensors: int
     segments: int
     chunks: int
 
 
-def pack_tables(param_ptrs: Sequence[int], grad_ptrs: Sequence[int], state_offsets: Sequence[int], chunks: Any,
-                device: torch.device) -> tuple[torch.Tensor, TableSizes]:
-    """One int64 tensor on ``device`` holding, in order: param_ptrs, grad_ptrs, state_offsets (T each),
-    segment_begin, segment_end (S each), chunk_tensor, chunk_start, chunk_end, chunk_segment (C each), from the
-    host lists of ``chunks`` (a ``fusedoptim._layout.ChunkTable``); ``split_tables`` gives the views back."""
-    host = torch.tensor(list(param_ptrs) + list(grad_ptrs) + list(state_offsets) + chunks.segment_begin
-                        + chunks.segment_end + chunks.chunk_tensor + chunks.chunk_start + chunks.chunk_end
-                        + chunks.chunk_segment, dtype=torch.int64)
+class Tables(NamedTuple):
+    """What a launch reads of a bucket's tables, on the params' device: ``pointers`` (``pack_pointers``) and
+    ``chunks`` (``pack_chunk_table``)."""
+
+    pointers: torch.Tensor
+    chunks: torch.Tensor
+    sizes: TableSizes
+
+
+def _even(n: int) -> int:
+    """Each part of a table starts at a multiple of 2 int64 (16 bytes): Triton specialises a pointer argument on
+    its 16-byte alignment, so an odd count would change the next part's alignment and compile another kernel."""
+    return n + (n & 1)
+
+
+def _to_device(host: torch.Tensor, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
     if device.type == "cuda":  # one async H2D copy; the pinned block is recycled safely by torch
-        host = host.pin_memory().to(device, non_blocking=True)
-    return host, TableSizes(len(param_ptrs), len(chunks.segment_begin), len(chunks.chunk_tensor))
+        host = host.pin_memory()
+    if out is not None:
+        return out.copy_(host, non_blocking=True)
+    return host.to(device, non_blocking=True)
 
 
-def split_tables(tables: torch.Tensor, sizes: TableSizes) -> tuple[torch.Tensor, ...]:
-    """Views of the packed table (``pack_tables``): param_ptrs, grad_ptrs, state_offsets, segment_begin,
-    segment_end, chunk_tensor, chunk_start, chunk_end, chunk_segment."""
-    t, s, c = sizes
-    lengths = [t, t, t, s, s, c, c, c, c]
-    bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
-    return tuple(tables[a:b] for a, b in zip(bounds, bounds[1:], strict=False))
+def pack_pointers(param_ptrs: Sequence[int], grad_ptrs: Sequence[int], device: torch.device,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The pointer table: param_ptrs then grad_ptrs (T each, each part padded to even), one int64 tensor on
+    ``device``, written into ``out`` in place when given (one small H2D copy when only grads moved)."""
+    pad = [0] * (_even(len(param_ptrs)) - len(param_ptrs))
+    return _to_device(torch.tensor(list(param_ptrs) + pad + list(grad_ptrs) + pad, dtype=torch.int64), device, out)
+
+
+#: The parts of a chunk table, in order: per tensor, per segment (2) and per chunk (4).
+CHUNK_TABLE_PARTS = ("state_offsets", "segment_begin", "segment_end", "chunk_tensor", "chunk_start", "chunk_end",
+                     "chunk_segment")
+
+
+def pack_chunk_table(state_offsets: Sequence[int], chunks: dict[str, torch.Tensor],
+                     device: torch.device) -> tuple[torch.Tensor, TableSizes]:
+    """One int64 tensor on ``device`` holding CHUNK_TABLE_PARTS in order, each padded to even, from
+    ``state_offsets`` and the int64 CPU tensors of ``fusedoptim._layout.chunk_table_tensors``; ``split_tables``
+    gives the views back. One H2D copy."""
+    parts = [torch.tensor(list(state_offsets), dtype=torch.int64)] + [chunks[name] for name in CHUNK_TABLE_PARTS[1:]]
+    padded = [torch.nn.functional.pad(part, (0, _even(len(part)) - len(part))) for part in parts]
+    sizes = TableSizes(len(parts[0]), len(parts[1]), len(parts[3]))
+    return _to_device(torch.cat(padded), device), sizes
+
+
+def split_tables(tables: Tables) -> tuple[torch.Tensor, ...]:
+    """Views of the tables: param_ptrs, grad_ptrs, then CHUNK_TABLE_PARTS."""
+    t, s, c = tables.sizes
+    views = [tables.pointers[:t], tables.pointers[_even(t):_even(t) + t]]
+    start = 0
+    for length in (t, s, s, c, c, c, c):
+        views.append(tables.chunks[start:start + length])
+        start += _even(length)
+    return tuple(views)

@@ -105,10 +105,12 @@ class FusedOptimizer(Optimizer):
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         """The group's buckets, built on first use and rebuilt (state adopted) when the params change."""
         params: list[torch.Tensor] = group["params"]
-        tensors = [local(p) for p in params]
+        cached = self._layouts.get(id(group))
+        # addresses of the local tensors (DTensors: their shards); plain tensors read theirs directly
+        plain = cached is not None and all(b.sharding is None for b in cached[1])
+        tensors = params if plain else [local(p) for p in params]
         names = self.group_state_names(group) + (("slow_param",) if self._slow_attached else ())
         key = (names, tuple(t.data_ptr() for t in tensors), tuple(id(p) for p in params))
-        cached = self._layouts.get(id(group))
         if cached is not None and cached[0] == key:
             return cached[1]
         if cached is not None and cached[0][0] == names and cached[0][2] == key[2]:
@@ -170,10 +172,12 @@ class FusedOptimizer(Optimizer):
                 active = tuple(i for i, g in enumerate(grads) if g is not None)
                 if not active:
                     continue
-                for i in active:
-                    if grads[i].is_sparse or grads[i].layout != torch.strided:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                    grads[i] = check_grad(bucket.params[i], grads[i], type(self).__name__)
+                tensors = bucket.tensors
+                for i in active:  # the usual grad in a few attribute reads; anything else gets the full check
+                    g, t = grads[i], tensors[i]
+                    if not (g.__class__ is torch.Tensor and g.layout is torch.strided and g.dtype is t.dtype
+                            and g.shape == t.shape and g.device == t.device) or bucket.sharding is not None:
+                        grads[i] = self._checked_grad(bucket, i, g)
                 runs.append(Run(bucket, self.rule, active, grads, hyper, flags, group["maximize"]))
         # Phase 2: advance the steps of tensors that have a gradient, then run the passes.
         sync_rate, self._pending_sync = self._pending_sync, None
@@ -181,17 +185,31 @@ class FusedOptimizer(Optimizer):
             stepped = {id(run.bucket) for run in runs}
             for bucket in self.bucket_layout():
                 if id(bucket) not in stepped:
-                    bucket.executor.sync(bucket, tuple(range(len(bucket.params))), sync_rate)
+                    bucket.executor.sync(bucket, tuple(range(len(bucket.params))), sync_rate.to(bucket.device))
         for run in runs:
             bucket = run.bucket
             all_active = len(run.active) == len(bucket.params)
             bucket.steps.add_(1.0 if all_active else bucket.active_mask(run.active))
-            run.sync_rate = sync_rate
+            run.sync_rate = None if sync_rate is None else sync_rate.to(bucket.device)
             bucket.executor.step(run)
             if sync_rate is not None and not all_active:  # params without a gradient are synced too
                 inactive = tuple(sorted(set(range(len(bucket.params))) - set(run.active)))
-                bucket.executor.sync(bucket, inactive, sync_rate)
+                bucket.executor.sync(bucket, inactive, run.sync_rate)
         return loss
+
+    def _checked_grad(self, bucket: Bucket, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """Param i's local gradient, checked as every kernel needs it before anything is written: dense, the
+        param's dtype, shape and device (a Triton kernel would read a smaller one out of bounds)."""
+        owner = type(self).__name__
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise RuntimeError(f"{owner} does not support sparse gradients")
+        grad = check_grad(bucket.params[i], grad, owner)
+        tensor = bucket.tensors[i]
+        if grad.dtype != tensor.dtype or grad.shape != tensor.shape or grad.device != tensor.device:
+            raise ValueError(f"{owner}: the gradient of a param of shape {tuple(tensor.shape)}, {tensor.dtype} on "
+                             f"{tensor.device} has shape {tuple(grad.shape)}, {grad.dtype} on {grad.device}; it "
+                             "must match its param")
+        return grad
 
     def last_factors(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
         """The per-tensor factors of the last step (e.g. LAMB's trust ratios), as 0-d device tensors per param:
@@ -233,7 +251,7 @@ class FusedOptimizer(Optimizer):
     def sync_now(self, sync_rate: torch.Tensor) -> None:
         """Lookahead's sync of every param at ``sync_rate`` now, one launch per bucket."""
         for bucket in self.bucket_layout():
-            bucket.executor.sync(bucket, tuple(range(len(bucket.params))), sync_rate)
+            bucket.executor.sync(bucket, tuple(range(len(bucket.params))), sync_rate.to(bucket.device))
 
     # ----------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -74,6 +74,45 @@ def chunk_table(numels: Sequence[int], tensors: Sequence[int], block: int,
     return table
 
 
+def chunk_table_tensors(numels: Sequence[int], tensors: Sequence[int], block: int,
+                        row_lengths: Sequence[int | None] | None = None) -> dict[str, torch.Tensor]:
+    """``chunk_table`` as int64 CPU tensors (chunk_tensor, chunk_start, chunk_end, chunk_segment, segment_begin,
+    segment_end), built with a fixed number of torch ops whatever the number of tensors, rows or chunks: the
+    Triton path rebuilds it when the set of tensors with a gradient changes. ``chunk_table`` (one Python loop) is
+    its reference, and they are tested equal."""
+    num_tensors = len(numels)
+    numel = torch.tensor(list(numels), dtype=torch.int64)
+    row = torch.tensor([0 if row_lengths is None or r is None else r for r in (row_lengths or [None] * num_tensors)],
+                       dtype=torch.int64)
+    rows = torch.where(row > 0, numel // row.clamp(min=1), 0)
+    first_row = torch.cumsum(rows, 0) - rows
+    active = torch.tensor(list(tensors), dtype=torch.int64)
+    # pieces: each active tensor whole, or each of its rows; a piece is cut into chunks of at most `block`
+    pieces = rows[active].clamp(min=1)
+    piece_tensor = torch.repeat_interleave(active, pieces)
+    piece_first = torch.cumsum(pieces, 0) - pieces
+    piece_row = torch.arange(int(pieces.sum())) - torch.repeat_interleave(piece_first, pieces)
+    has_rows = rows[piece_tensor] > 0
+    length = torch.where(has_rows, row[piece_tensor], numel[piece_tensor])
+    piece_start = piece_row * length
+    piece_segment = torch.where(has_rows, num_tensors + first_row[piece_tensor] + piece_row, piece_tensor)
+    chunks = -(-length // block)
+    chunk_piece = torch.repeat_interleave(torch.arange(len(length)), chunks)
+    chunk_begin = torch.cumsum(chunks, 0) - chunks  # first chunk of each piece
+    start = piece_start[chunk_piece] + (torch.arange(len(chunk_piece)) - chunk_begin[chunk_piece]) * block
+    end = torch.minimum(start + block, (piece_start + length)[chunk_piece])
+    segment_begin = torch.zeros(num_tensors + int(rows.sum()), dtype=torch.int64)
+    segment_end = torch.zeros_like(segment_begin)
+    row_pieces = has_rows.nonzero().squeeze(1)
+    segment_begin[piece_segment[row_pieces]] = chunk_begin[row_pieces]
+    segment_end[piece_segment[row_pieces]] = (chunk_begin + chunks)[row_pieces]
+    last_piece = piece_first + pieces - 1
+    segment_begin[active] = chunk_begin[piece_first]
+    segment_end[active] = (chunk_begin + chunks)[last_piece]
+    return dict(chunk_tensor=piece_tensor[chunk_piece], chunk_start=start, chunk_end=end,
+                chunk_segment=piece_segment[chunk_piece], segment_begin=segment_begin, segment_end=segment_end)
+
+
 @dataclass(eq=False)
 class SegmentLayout:
     """What finalize knows of a bucket: sums[s] is tensor s for s < T, then one row per row of each tensor with

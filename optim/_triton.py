@@ -1,18 +1,21 @@
 """The Triton backend: one launch of the multi-tensor template per pass over a bucket (kernels/).
 
-A bucket's device tables (addresses, segment offsets, chunk table; ``kernels.pack_tables``) are rebuilt only
-when a pointer or the set of tensors with a gradient changes.
+A bucket's device tables (``bucket.tables``) are a chunk table per set of tensors with a gradient (built with
+torch ops, cached: it depends on nothing else, since a bucket's numels and offsets are fixed) and one pointer
+table of param and grad addresses, rewritten in place with one small H2D copy when an address changes (new grads
+each step under ``zero_grad(set_to_none=True)``, FSDP2's reduce-scatter outputs). The steady path's only per-tensor
+Python is reading each grad's address.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from ._kernels import IMPORT_ERROR, kernels
-from ._layout import chunk_table
+from ._layout import chunk_table_tensors
 from ._rule import SYNC_PASS, KernelPass
 
 if TYPE_CHECKING:
@@ -20,15 +23,35 @@ if TYPE_CHECKING:
     from ._layout import Bucket
     from ._rule import Rule
 
+#: Chunk tables kept per bucket (one per set of tensors with a gradient), oldest dropped first.
+MAX_CHUNK_TABLES = 16
+
+
+@dataclass
+class ChunkTables:
+    """The device chunk table of one set of tensors, and whether every chunk start is 16-element aligned."""
+
+    packed: torch.Tensor
+    sizes: kernels.TableSizes
+    starts_aligned: bool
+
+
+@dataclass
+class PointerTable:
+    """A device table of param and grad addresses, and the tensors whose addresses are not 16-byte aligned."""
+
+    key: tuple
+    device: torch.Tensor
+    misaligned: frozenset[int]
+
 
 @dataclass
 class Tables:
-    """A bucket's device tables for one set of tensors and addresses."""
+    """What the Triton executor keeps per bucket."""
 
-    key: tuple
-    packed: torch.Tensor
-    sizes: kernels.TableSizes
-    aligned: bool  # every address the aligned variant hints is 16-byte aligned
+    chunks: dict[tuple[int, ...], ChunkTables] = field(default_factory=dict)
+    step_pointers: PointerTable | None = None
+    sync_pointers: PointerTable | None = None  # the sync pass reads the params in place of grads
 
 
 class TritonExecutor:
@@ -53,52 +76,70 @@ class TritonExecutor:
         bucket, rule = run.bucket, run.rule
         # Non-contiguous grads are read through a contiguous copy (grads are never written).
         grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
-        tables = self._tables(bucket, run.active, grads)
+        tables, aligned = self._tables(bucket, run.active, [0 if g is None else g.data_ptr() for g in grads], "step")
         passes = rule.kernel_passes()
         factors = None
         if rule.two_pass:
-            sums = torch.zeros(tables.sizes.segments, rule.num_sums, dtype=torch.float32, device=bucket.device)
-            if tables.sizes.chunks:
+            shape = (tables.sizes.segments, rule.num_sums)
+            if tables.sizes.chunks:  # the segment sum writes every segment (0 for the empty ones): no fill launch
+                sums = torch.empty(shape, dtype=torch.float32, device=bucket.device)
                 partials = torch.empty(tables.sizes.chunks, rule.num_sums, dtype=torch.float32, device=bucket.device)
-                self._launch(run, tables, passes[0], partials=partials)
-                kernels.launch_segment_sum(partials, tables.packed, tables.sizes, sums)
+                self._launch(run, tables, aligned, passes[0], partials=partials)
+                kernels.launch_segment_sum(partials, tables, sums)
+            else:
+                sums = torch.zeros(shape, dtype=torch.float32, device=bucket.device)
             factors = rule.finalize_run(run, sums)
         if tables.sizes.chunks:
             slow = None if run.sync_rate is None else bucket.states["slow_param"]
-            self._launch(run, tables, passes[-1], factors=factors, slow=slow, sync_rate=run.sync_rate)
+            self._launch(run, tables, aligned, passes[-1], factors=factors, slow=slow, sync_rate=run.sync_rate)
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
-        tables = self._tables(bucket, indices, list(bucket.tensors))  # grads unread: the params' addresses
+        tables, aligned = self._tables(bucket, indices, bucket.param_ptrs, "sync")  # grads unread: the params
         if tables.sizes.chunks:
-            kernels.launch_step(SYNC_PASS.rule, (), tables.packed, tables.sizes, bucket.steps, (), (), bucket.dtype,
-                                False, tables.aligned, store_param=SYNC_PASS.store_param,
-                                store_state=SYNC_PASS.store_state, slow=bucket.states["slow_param"],
-                                sync_rate=sync_rate)
+            kernels.launch_step(SYNC_PASS.rule, (), tables, bucket.steps, (), (), bucket.dtype, False, aligned,
+                                store_param=SYNC_PASS.store_param, store_state=SYNC_PASS.store_state,
+                                slow=bucket.states["slow_param"], sync_rate=sync_rate)
 
     @staticmethod
-    def _launch(run: Run, tables: Tables, kernel_pass: KernelPass, **kwargs: torch.Tensor | None) -> None:
+    def _launch(run: Run, tables: kernels.Tables, aligned: bool, kernel_pass: KernelPass,
+                **kwargs: torch.Tensor | None) -> None:
         bucket = run.bucket
-        kernels.launch_step(kernel_pass.rule, run.flags, tables.packed, tables.sizes, bucket.steps,
+        kernels.launch_step(kernel_pass.rule, run.flags, tables, bucket.steps,
                             [bucket.states[name] for name in bucket.rule_state_names], run.hyper, bucket.dtype,
-                            run.maximize, tables.aligned, store_param=kernel_pass.store_param,
+                            run.maximize, aligned, store_param=kernel_pass.store_param,
                             store_state=kernel_pass.store_state, **kwargs)
 
     @staticmethod
-    def _tables(bucket: Bucket, active: tuple[int, ...], grads: list[torch.Tensor | None]) -> Tables:
-        """The bucket's tables for these tensors and grads: the cached ones when no pointer changed."""
-        grad_ptrs = [0 if g is None else g.data_ptr() for g in grads]
-        key = (active, tuple(bucket.param_ptrs), tuple(grad_ptrs))
-        if bucket.tables is not None and bucket.tables.key == key:
-            return bucket.tables
-        row_lengths = bucket.segments.row_lengths if bucket.segments is not None else None
-        chunks = chunk_table(bucket.numels, active, kernels.block_size(bucket.dtype), row_lengths)
-        packed, sizes = kernels.pack_tables(bucket.param_ptrs, grad_ptrs, bucket.offsets, chunks, bucket.device)
-        # 16-byte alignment of every address the aligned variant hints: params, grads, and chunk starts (rows of a
-        # per-row rule start anywhere; 16 elements keep both fp32 state and 16-bit params aligned).
-        aligned = (all(ptr % 16 == 0 for i in active for ptr in (bucket.param_ptrs[i], grad_ptrs[i]))
-                   and all(start % 16 == 0 for start in chunks.chunk_start))
-        bucket.tables = Tables(key, packed, sizes, aligned)
-        return bucket.tables
+    def _tables(bucket: Bucket, active: tuple[int, ...], grad_ptrs: list[int],
+                kind: str) -> tuple[kernels.Tables, bool]:
+        """The tables for these tensors and grad addresses, and whether the aligned variant may run: every address
+        it hints (params, grads, chunk starts) 16-byte aligned. Rows of a per-row rule start anywhere; 16 elements
+        keep both fp32 state and 16-bit params aligned."""
+        if bucket.tables is None:
+            bucket.tables = Tables()
+        cache: Tables = bucket.tables
+        chunks = cache.chunks.get(active)
+        if chunks is None:
+            row_lengths = bucket.segments.row_lengths if bucket.segments is not None else None
+            table = chunk_table_tensors(bucket.numels, active, kernels.block_size(bucket.dtype), row_lengths)
+            packed, sizes = kernels.pack_chunk_table(bucket.offsets, table, bucket.device)
+            chunks = ChunkTables(packed, sizes, bool((table["chunk_start"] % 16 == 0).all()))
+            if len(cache.chunks) >= MAX_CHUNK_TABLES:  # bound the cache when grad sets keep changing
+                cache.chunks.pop(next(iter(cache.chunks)))
+            cache.chunks[active] = chunks
+        key = (tuple(bucket.param_ptrs), tuple(grad_ptrs))
+        pointers = cache.step_pointers if kind == "step" else cache.sync_pointers
+        if pointers is None or pointers.key != key:
+            device = kernels.pack_pointers(bucket.param_ptrs, grad_ptrs, bucket.device,
+                                           out=None if pointers is None else pointers.device)
+            misaligned = frozenset(i for i, (p, g) in enumerate(zip(*key, strict=True)) if p % 16 or g % 16)
+            pointers = PointerTable(key, device, misaligned)
+            if kind == "step":
+                cache.step_pointers = pointers
+            else:
+                cache.sync_pointers = pointers
+        aligned = chunks.starts_aligned and pointers.misaligned.isdisjoint(active)
+        return kernels.Tables(pointers.device, chunks.packed, chunks.sizes), aligned
 
 
 EXECUTOR = TritonExecutor()

@@ -43,17 +43,19 @@ def _cosine(sums, eps):
     return dot.abs() / (param_norm.clamp(min=eps) * grad_sq.sqrt().clamp(min=eps)), param_norm, param_perturb
 
 
+def _failing_rows(row_cosine, segments, delta):
+    threshold = delta / segments.fan_in.double().clamp(min=1).sqrt()
+    failing = ~(row_cosine < threshold.index_select(0, segments.row_tensor))
+    return torch.zeros(segments.numels.numel(), dtype=torch.float32, device=row_cosine.device).index_add_(
+        0, segments.row_tensor, failing.float())
+
+
 def adamp_failing_rows(sums, segments,
                        lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, delta, wd_ratio,
                        nesterov, amsgrad):
     """Per tensor, how many of its rows fail the channel test |cos(θ_c, g_c)| < δ/√fan_in (NaN fails): a count,
     so that shards holding different rows of a tensor add theirs up (``TwoPassRule.shard_terms``)."""
-    num_tensors = segments.numels.numel()
-    cosine = _cosine(sums[num_tensors:], eps)[0]
-    threshold = delta / segments.fan_in.double().clamp(min=1).sqrt()
-    failing = ~(cosine < threshold.index_select(0, segments.row_tensor))
-    return torch.zeros(num_tensors, dtype=torch.float32, device=sums.device).index_add_(
-        0, segments.row_tensor, failing.float())
+    return _failing_rows(_cosine(sums[segments.numels.numel():], eps)[0], segments, delta)
 
 
 def adamp_finalize(sums, steps, segments, tensor_states,
@@ -73,8 +75,7 @@ def adamp_finalize(sums, steps, segments, tensor_states,
     row_tensor = segments.row_tensor
     has_rows = segments.fan_in > 0
     if shard_terms is None:
-        shard_terms = adamp_failing_rows(sums, segments, lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay,
-                                         delta, wd_ratio, nesterov, amsgrad)
+        shard_terms = _failing_rows(cosine[num_tensors:], segments, delta)
     channel = has_rows & (shard_terms == 0)  # max_c |cos| < δ/√fan_in: no row fails
     layer = has_rows & ~channel & (cosine[:num_tensors] < delta / segments.numels.double().sqrt())
     decay = 1.0 - lr * weight_decay * torch.where(channel | layer, wd_ratio, 1.0)

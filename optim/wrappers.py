@@ -88,7 +88,7 @@ class _SyncWrapper(Optimizer):
         self._holder = (base_optimizer if isinstance(base_optimizer, FusedOptimizer)
                         else _SlowWeights(base_optimizer, backend))
         self._holder.attach_slow_weights()
-        self._rate = torch.tensor([float(sync_rate)], dtype=torch.float32)
+        self._rate = self._rate_tensor()
 
     # ------------------------------------------------------------------ shared groups
     @property
@@ -144,6 +144,12 @@ class _SyncWrapper(Optimizer):
     # ------------------------------------------------------------------ slow weights
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _rate_tensor(self) -> torch.Tensor:
+        """``sync_rate`` as fp32[1] on the params' device: the kernels read it through a pointer, which must be
+        a device address (a CPU tensor would fail at the first sync on CUDA)."""
+        params = self._params()
+        return torch.tensor([self.sync_rate], dtype=torch.float32, device=params[0].device if params else "cpu")
 
     def _sync_rate(self) -> torch.Tensor | None:
         """The rate of a sync fused into the coming base step, or None (Scout's rate needs the step's result)."""
@@ -242,7 +248,7 @@ class _SyncWrapper(Optimizer):
             else:
                 self.fast_steps = int(counters["fast_steps"])
                 self._settings.update(sync_rate=float(counters["sync_rate"]), sync_period=int(counters["sync_period"]))
-                self._rate = torch.tensor([self.sync_rate], dtype=torch.float32)
+                self._rate = self._rate_tensor()
                 for p in params:
                     self._load_wrapper_state(p, saved[p])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -297,6 +303,12 @@ class Lookahead(_SyncWrapper):
         super().__init__(base_optimizer, sync_rate if alpha is None else alpha,
                          sync_period if k is None else k, min_period=1, fused_sync=fused_sync, backend=backend)
         self._backup: dict[torch.Tensor, torch.Tensor] | None = None
+
+    def _rate_tensor(self) -> torch.Tensor:
+        """``sync_rate`` as fp32[1] on the params' device: the kernels read it through a pointer, which must be
+        a device address (a CPU tensor would fail at the first sync on CUDA)."""
+        params = self._params()
+        return torch.tensor([self.sync_rate], dtype=torch.float32, device=params[0].device if params else "cpu")
 
     def _sync_rate(self) -> torch.Tensor | None:
         # fused into the base's last pass when the base is a fusedoptim optimizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fusedoptim._layout import SEGMENT_ALIGN, chunk_table, padded_offsets
+from fusedoptim._layout import SEGMENT_ALIGN, chunk_table, chunk_table_tensors, padded_offsets
 
 SIZES = [[1], [0, 5, 16, 17], [1, 7, 1023, 1025, 4097], list(range(40))]
 
@@ -43,6 +43,10 @@ def test_chunks_cover_each_element_once(numels, block, rows):
                 assert table.segment_begin[segment] <= c < table.segment_end[segment]
             else:
                 assert table.chunk_segment[c] == t
+    # the Triton path's vectorised build (a fixed number of torch ops) gives the same table
+    vectorised = chunk_table_tensors(numels, active, block, row_lengths)
+    for name, values in vectorised.items():
+        assert values.tolist() == getattr(table, name), name
 
 
 def test_bytes_model_matches_design_minimums():

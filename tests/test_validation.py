@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASES, ERROR_PARAMS, ORACLES, case_backends, error_id
+from cases import CASES, ERROR_PARAMS, FIRST_CASES, ORACLES, case_backends, error_id
 
 from fusedoptim import Adan
 
@@ -62,6 +62,30 @@ def test_sparse_gradient_fails_before_modifying_anything(case, backend):
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
     for p, (value, state) in zip((dense, emb), snapshot, strict=True):
+        assert torch.equal(p, value)
+        for k, v in state.items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+#: Gradients that torch's ``p.grad = ...`` setter would refuse, swapped in through ``.data`` (as code that
+#: reuses grad buffers can): a Triton kernel would read the small one out of bounds.
+BAD_GRADS = {"one element": lambda p: torch.randn(1), "fp64": lambda p: torch.randn(p.shape, dtype=torch.float64),
+             "transposed shape": lambda p: torch.randn(p.shape[::-1])}
+
+
+@pytest.mark.parametrize("bad", BAD_GRADS)
+@pytest.mark.parametrize(("case", "backend"), case_backends(["reference", "triton", "cpu"], triton_cases=FIRST_CASES))
+def test_mismatched_gradient_fails_before_modifying_anything(case, backend, bad):
+    dense, matrix = torch.randn(5), torch.randn(4, 3)
+    opt = case.make([dense, matrix], backend=backend)
+    dense.grad, matrix.grad = torch.randn(5), torch.randn(4, 3)
+    opt.step()
+    snapshot = [(p.clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in (dense, matrix)]
+    dense.grad, matrix.grad = torch.randn(5), torch.randn(4, 3)
+    matrix.grad.data = BAD_GRADS[bad](matrix)
+    with pytest.raises(ValueError, match="must match its param"):
+        opt.step()
+    for p, (value, state) in zip((dense, matrix), snapshot, strict=True):
         assert torch.equal(p, value)
         for k, v in state.items():
             assert torch.equal(opt.state[p][k], v), k
