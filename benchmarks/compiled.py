@@ -107,6 +107,7 @@ class Variant:
     arch: int
     bytes_model: float | None = None  # the optimizer's bytes model for this pass's whole step (checks)
     state_types: tuple[str, ...] | None = None  # Triton's name of each state's dtype (None: all fp32)
+    advance_steps: int = 0  # the step's first pass sees step + 1 (2: and stores it)
 
     @property
     def label(self) -> str:
@@ -227,7 +228,7 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                 for sync in ((False, True) if p.last and default else (False,)):
                     out.append(Variant(spec.name, label, name, _rule_name(p.rule), tuple(flags), num_states, num_hyper,
                                        p.num_sums, p.num_factors, p.store_param, p.store_state, dtype, aligned,
-                                       sync, maximize, arch, model, state_types(dtype)))
+                                       sync, maximize, arch, model, state_types(dtype), p.advance_steps))
             for p in passes:
                 if p.num_sums and p.num_sums not in num_sums_seen:
                     num_sums_seen.add(p.num_sums)
@@ -282,7 +283,7 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
         dtype = _torch_dtype(v.dtype)
         options = kernels.step_options(rule, v.flags, dtype, v.maximize, v.aligned, num_sums=v.num_sums,
                                        num_factors=v.num_factors, store_param=v.store_param,
-                                       store_state=v.store_state, sync=v.sync)
+                                       store_state=v.store_state, sync=v.sync, advance_steps=v.advance_steps)
     compiler = {name: options.pop(name) for name in list(options) if name not in kernel.arg_names}
     for name in options:
         signature[name] = "constexpr"

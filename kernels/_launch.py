@@ -63,6 +63,7 @@ def launch_step(
     flags: tuple,
     tables: Tables,
     steps: torch.Tensor,
+    step_counters: torch.Tensor,
     states: Sequence[torch.Tensor],
     hyper: tuple[float, ...],
     param_dtype: torch.dtype,
@@ -75,28 +76,34 @@ def launch_step(
     store_state: bool = True,
     slow: torch.Tensor | None = None,
     sync_rate: torch.Tensor | None = None,
+    advance_steps: int = 0,
 ) -> None:
     """One launch of the multi-tensor template over a bucket.
 
     ``tables``: the bucket's pointer table and the chunk table of the tensors stepped (``Tables``). With
     ``partials`` ([C, K]) this is pass A of a rule with per-tensor statistics, with ``factors`` ([S, F]) pass B;
-    with ``slow`` and ``sync_rate`` (fp32[1] on the device) it also performs Lookahead's sync.
+    with ``slow`` and ``sync_rate`` (fp32[1] on the device) it also performs Lookahead's sync. With
+    ``advance_steps`` (a step's first pass) the rule sees the steps of the tensors it covers plus 1, and with 2
+    the kernel stores them (with 1 the segment sum does); ``step_counters`` (int32[T] zeros, the bucket's) is
+    where it counts their finished programs.
     """
-    check_devices(steps.device, tables=tables[:2], states=states, partials=partials, factors=factors, slow=slow,
-                  sync_rate=sync_rate)
-    (param_ptrs, grad_ptrs, state_offsets, _, _, chunk_tensor, chunk_start, chunk_end,
+    check_devices(steps.device, tables=tables[:2], step_counters=step_counters, states=states, partials=partials,
+                  factors=factors, slow=slow, sync_rate=sync_rate)
+    (param_ptrs, grad_ptrs, state_offsets, segment_begin, segment_end, chunk_tensor, chunk_start, chunk_end,
      chunk_segment) = split_tables(tables)
     options = step_options(rule, flags, param_dtype, maximize, aligned,
                            num_sums=0 if partials is None else partials.shape[1],
                            num_factors=0 if factors is None else factors.shape[1],
-                           store_param=store_param, store_state=store_state, sync=slow is not None)
+                           store_param=store_param, store_state=store_state, sync=slow is not None,
+                           advance_steps=advance_steps)
     # Triton launches on the *current* CUDA device, which need not be the bucket's.
     guard = torch.cuda.device(steps.device) if steps.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         multi_tensor_step_kernel[(tables.sizes.chunks,)](
             param_ptrs, grad_ptrs, state_offsets, steps, chunk_tensor, chunk_start, chunk_end, chunk_segment,
-            tuple(states), tuple(hyper), steps if partials is None else partials, steps if factors is None else factors,
-            steps if slow is None else slow, steps if sync_rate is None else sync_rate, **options)
+            tuple(states), tuple(hyper), steps if partials is None else partials,
+            steps if factors is None else factors, steps if slow is None else slow,
+            steps if sync_rate is None else sync_rate, segment_begin, segment_end, step_counters, **options)
     LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
 
 
@@ -111,14 +118,15 @@ def check_devices(device: torch.device, **tensors: torch.Tensor | Sequence[torch
 
 def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtype, maximize: bool, aligned: bool,
                  *, num_sums: int = 0, num_factors: int = 0, store_param: bool = True, store_state: bool = True,
-                 sync: bool = False) -> dict:
+                 sync: bool = False, advance_steps: int = 0) -> dict:
     """The compile-time arguments of one ``multi_tensor_step_kernel`` launch (its constexprs and compiler options):
     together with ``step_signature`` they name the specialisation that runs. The compiled-code checks
     (``benchmarks/compiled.py``) build what they compile from these two functions, so they check what is launched.
     """
     return dict(RULE=rule, FLAGS=tuple(flags), PARAM_DTYPE=_TL_DTYPES[param_dtype], MAXIMIZE=maximize,
                 ALIGNED=aligned, BLOCK=block_size(param_dtype), NUM_SUMS=num_sums, NUM_FACTORS=num_factors,
-                STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=sync, **STEP_COMPILE_OPTIONS)
+                STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=sync, ADVANCE_STEPS=advance_steps,
+                **STEP_COMPILE_OPTIONS)
 
 
 def step_signature(num_states: int, num_hyper: int,
@@ -129,8 +137,10 @@ def step_signature(num_states: int, num_hyper: int,
     hyperparameters fp32 scalars."""
     state_types = ("fp32",) * num_states if state_types is None else state_types
     signature: dict[str, str | tuple[str, ...]] = {name: "*i64" for name in (
-        "param_ptrs", "grad_ptrs", "state_offsets", "chunk_tensor", "chunk_start", "chunk_end", "chunk_segment")}
-    signature.update(steps="*fp32", partials="*fp32", factors="*fp32", slow="*fp32", sync_rate_ptr="*fp32",
+        "param_ptrs", "grad_ptrs", "state_offsets", "chunk_tensor", "chunk_start", "chunk_end", "chunk_segment",
+        "segment_begin", "segment_end")}
+    signature.update(steps="*fp32", step_counters="*i32", partials="*fp32", factors="*fp32", slow="*fp32",
+                     sync_rate_ptr="*fp32",
                      state_ptrs=tuple(f"*{t}" for t in state_types), hyper=("fp32",) * num_hyper)
     return signature
 
@@ -141,17 +151,20 @@ def segment_sum_options(num_sums: int) -> dict:
                 num_warps=1)
 
 
-SEGMENT_SUM_SIGNATURE = {"partials": "*fp32", "segment_begin": "*i64", "segment_end": "*i64", "sums": "*fp32"}
+SEGMENT_SUM_SIGNATURE = {"partials": "*fp32", "segment_begin": "*i64", "segment_end": "*i64", "sums": "*fp32",
+                         "steps": "*fp32", "num_tensors": "i32"}
 
 
-def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tensor) -> None:
-    """sums[s, k] = the partials of segment s's chunks, added in a fixed order (one program per segment)."""
-    check_devices(sums.device, partials=partials, tables=tables.chunks)
+def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tensor, steps: torch.Tensor) -> None:
+    """sums[s, k] = the partials of segment s's chunks, added in a fixed order (one program per segment); the
+    steps of the tensors pass A covered advance by 1."""
+    check_devices(sums.device, partials=partials, tables=tables.chunks, steps=steps)
     segment_begin, segment_end = split_tables(tables)[3:5]
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        segment_sum_kernel[(tables.sizes.segments,)](partials, segment_begin, segment_end, sums,
-                                        **segment_sum_options(partials.shape[1]))
+        segment_sum_kernel[(tables.sizes.segments,)](partials, segment_begin, segment_end, sums, steps,
+                                                     tables.sizes.tensors,
+                                                     **segment_sum_options(partials.shape[1]))
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 

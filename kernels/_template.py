@@ -73,7 +73,7 @@ def multi_tensor_step_kernel(
     param_ptrs,      # int64[T]: data_ptr() of each parameter (PARAM_DTYPE, contiguous); written in place
     grad_ptrs,       # int64[T]: data_ptr() of each gradient (PARAM_DTYPE, contiguous); read only
     state_offsets,   # int64[T]: start of tensor t's segment in every flat state buffer (multiple of 16)
-    steps,           # fp32[T]: step count of tensor t, already advanced for this step
+    steps,           # fp32[T]: step count of tensor t (advanced here with ADVANCE_STEPS, else already)
     chunk_tensor,    # int64[C]: the tensor that chunk c (= program c) works on
     chunk_start,     # int64[C]: first element of chunk c inside its tensor
     chunk_end,       # int64[C]: one past its last element (at most chunk_start + BLOCK)
@@ -84,6 +84,10 @@ def multi_tensor_step_kernel(
     factors,         # fp32[S, NUM_FACTORS]: pass B's per-segment factors from finalize (unused when 0)
     slow,            # fp32 flat buffer of Lookahead's slow weights, same layout as the states (used if SYNC)
     sync_rate_ptr,   # fp32[1]: the sync rate, a device scalar (Scout computes it on the device)
+    # Last: placed before state_ptrs, these three cost RaLars's pass A (fp16, sm_100, ptxas-blackwell) a 4 B spill.
+    segment_begin,   # int64[S]: tensor t's chunks are segment_begin[t] .. segment_end[t] - 1
+    segment_end,     # int64[S]
+    step_counters,   # int32[T]: zeros between launches; ADVANCE_STEPS == 2 counts each tensor's programs in it
     RULE: tl.constexpr,         # the @triton.jit rule
     FLAGS: tl.constexpr,        # tuple of the rule's structural options (amsgrad, ...)
     PARAM_DTYPE: tl.constexpr,  # dtype of params and grads; math and state are fp32
@@ -95,9 +99,22 @@ def multi_tensor_step_kernel(
     STORE_PARAM: tl.constexpr = True,
     STORE_STATE: tl.constexpr = True,
     SYNC: tl.constexpr = False,
+    ADVANCE_STEPS: tl.constexpr = 0,  # the step's first pass: the rule sees step + 1; 2: this kernel stores it
 ):
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_tensor + chunk)
+    step = tl.load(steps + tensor)
+    if ADVANCE_STEPS > 0:  # 1: pass A of a two-pass rule, whose segment sum stores the new steps
+        step = step + 1.0
+    if ADVANCE_STEPS == 2:
+        # A one-pass step needs no launch for its steps: every program of the tensor reads the old step, then
+        # counts itself (acq_rel atomic); the last to count stores the new step and re-arms the counter. No
+        # program reads after that store: each read precedes its own count. Tensors without a gradient have no
+        # program and keep their step. The stores are predicated, not branched: per program, in the entry block.
+        chunks = tl.load(segment_end + tensor) - tl.load(segment_begin + tensor)
+        last = tl.atomic_add(step_counters + tensor, 1) == chunks - 1
+        tl.store(steps + tensor, step, mask=last)
+        tl.store(step_counters + tensor, 0, mask=last)
     start = tl.load(chunk_start + chunk)                   # int64: tensors above 2**31 elements exist
     end = tl.load(chunk_end + chunk)
     idx = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -118,7 +135,6 @@ def multi_tensor_step_kernel(
         segment = tl.load(chunk_segment + chunk)
         for f in tl.static_range(NUM_FACTORS):
             tensor_factors = tensor_factors + (tl.load(factors + segment * NUM_FACTORS + f),)
-    step = tl.load(steps + tensor)
     partial_ptr = partials + chunk.to(tl.int64) * NUM_SUMS
     sync_rate = 0.0
     if SYNC:
@@ -134,20 +150,25 @@ def multi_tensor_step_kernel(
                     STORE_STATE, SYNC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors"])
 def segment_sum_kernel(
     partials,        # fp32[C, NUM_SUMS]: per-chunk sums from pass A, the chunks of a segment consecutive
     segment_begin,   # int64[S]: segment s is chunks segment_begin[s] .. segment_end[s] - 1
     segment_end,     # int64[S]
     sums,            # fp32[S, NUM_SUMS]: output
+    steps,           # fp32[T]: the step of each tensor that pass A covered advances by 1 here
+    num_tensors,     # segments 0 .. T - 1 are the tensors (not specialised: no recompile per bucket size)
     NUM_SUMS: tl.constexpr,
     SUMS_POW2: tl.constexpr,    # NUM_SUMS rounded up to a power of two (tl.arange needs one)
     CHUNKS: tl.constexpr,       # chunk rows added per iteration
 ):
-    """One program per segment adds its chunks' partial sums in chunk order: deterministic, no atomics."""
+    """One program per segment adds its chunks' partial sums in chunk order: deterministic, no atomics. It also
+    stores the new step of each tensor pass A covered (pass A saw step + 1; pass B and the finalize read it)."""
     segment = tl.program_id(0)
     begin = tl.load(segment_begin + segment)
     end = tl.load(segment_end + segment)
+    covered = (segment < num_tensors) & (end > begin)
+    tl.store(steps + segment, tl.load(steps + segment, mask=covered) + 1.0, mask=covered)
     k = tl.arange(0, SUMS_POW2)
     acc = tl.zeros((CHUNKS, SUMS_POW2), dtype=tl.float32)
     for row0 in range(begin, end, CHUNKS):

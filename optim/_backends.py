@@ -52,7 +52,8 @@ class Executor(Protocol):
         """Check that the bucket's params suit the backend (ValueError if not), before any state is adopted."""
 
     def step(self, run: Run) -> None:
-        """Every pass of one step over the bucket (steps already advanced): params and states updated, and for a
+        """Every pass of one step over the bucket, after advancing the steps of ``run.active`` (the rules see the
+        new steps; the Triton kernels advance them themselves): params and states updated, and for a
         two-pass rule ``bucket.sums`` / ``bucket.factors`` and the per-tensor states; with ``run.sync_rate``,
         Lookahead's sync of the tensors stepped."""
 

@@ -179,7 +179,7 @@ class FusedOptimizer(Optimizer):
                             and g.shape == t.shape and g.device == t.device) or bucket.sharding is not None:
                         grads[i] = self._checked_grad(bucket, i, g)
                 runs.append(Run(bucket, self.rule, active, grads, hyper, flags, group["maximize"]))
-        # Phase 2: advance the steps of tensors that have a gradient, then run the passes.
+        # Phase 2: each executor advances the steps of the tensors that have a gradient and runs the passes.
         sync_rate, self._pending_sync = self._pending_sync, None
         if sync_rate is not None:  # buckets without any gradient still take part in Lookahead's sync
             stepped = {id(run.bucket) for run in runs}
@@ -189,7 +189,6 @@ class FusedOptimizer(Optimizer):
         for run in runs:
             bucket = run.bucket
             all_active = len(run.active) == len(bucket.params)
-            bucket.steps.add_(1.0 if all_active else bucket.active_mask(run.active))
             run.sync_rate = None if sync_rate is None else sync_rate.to(bucket.device)
             bucket.executor.step(run)
             if sync_rate is not None and not all_active:  # params without a gradient are synced too

@@ -183,6 +183,7 @@ class CpuExecutor:
         """
         bucket, rule, active = run.bucket, run.rule, run.active
         ext = extension()
+        bucket.advance_steps(active)
         params = [bucket.tensors[i] for i in active]
         staged = [p if p.is_contiguous() else p.contiguous() for p in params]
         args = (staged, [run.grads[i].contiguous() for i in active],

@@ -182,6 +182,10 @@ class Bucket:
     def backend(self) -> str:
         return self.executor.name
 
+    def advance_steps(self, active: tuple[int, ...]) -> None:
+        """Add 1 to the steps of the listed tensors (one launch)."""
+        self.steps.add_(1.0 if len(active) == len(self.params) else self.active_mask(active))
+
     def view(self, name: str, i: int) -> torch.Tensor:
         """Tensor i's segment of state buffer ``name``, shaped like its local tensor."""
         return self.states[name][self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.tensors[i].shape)

@@ -24,6 +24,7 @@ class ReferenceExecutor:
         pass
 
     def step(self, run: Run) -> None:
+        run.bucket.advance_steps(run.active)
         factors = run.rule.finalize_run(run, self._prepare(run)) if run.rule.two_pass else None
         self._apply(run, factors)
         if run.sync_rate is not None:

@@ -32,6 +32,9 @@ class KernelPass:
     store_param: bool
     store_state: bool
     last: bool             # the step's last pass: where a Lookahead sync is fused (SYNC)
+    #: the step's first pass: the rule sees the steps + 1 of the tensors it covers; 2: it stores them (one pass), 1:
+    #: the segment sum does (pass A, which then needs no atomic)
+    advance_steps: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +74,7 @@ class Rule:
         compiled-code checks (benchmarks/compiled.py) compile exactly these."""
         if self.triton is None:
             return ()
-        return (KernelPass(self.triton[-1], 0, 0, True, True, True),)
+        return (KernelPass(self.triton[-1], 0, 0, True, True, True, advance_steps=2),)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +111,7 @@ class TwoPassRule(Rule):
         if self.triton is None:
             return ()
         prepare, apply = self.triton
-        return (KernelPass(prepare, self.num_sums, 0, False, self.prepare_writes_state, False),
+        return (KernelPass(prepare, self.num_sums, 0, False, self.prepare_writes_state, False, advance_steps=1),
                 KernelPass(apply, 0, len(self.factor_names), True, self.apply_writes_state, True))
 
     def finalize_run(self, run: Run, sums: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ class ChunkTables:
     packed: torch.Tensor
     sizes: kernels.TableSizes
     starts_aligned: bool
+    empty_active: torch.Tensor | None  # fp32[T] mask of the tensors listed that have no element (no program)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class PointerTable:
 class Tables:
     """What the Triton executor keeps per bucket."""
 
+    step_counters: torch.Tensor  # int32[T] zeros: the kernel counts each tensor's finished programs in it
     chunks: dict[tuple[int, ...], ChunkTables] = field(default_factory=dict)
     step_pointers: PointerTable | None = None
     sync_pointers: PointerTable | None = None  # the sync pass reads the params in place of grads
@@ -77,6 +79,9 @@ class TritonExecutor:
         # Non-contiguous grads are read through a contiguous copy (grads are never written).
         grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
         tables, aligned = self._tables(bucket, run.active, [0 if g is None else g.data_ptr() for g in grads], "step")
+        chunks = bucket.tables.chunks[run.active]
+        if chunks.empty_active is not None:  # no program advances them (e.g. FSDP2's empty shards)
+            bucket.steps.add_(chunks.empty_active)
         passes = rule.kernel_passes()
         factors = None
         if rule.two_pass:
@@ -85,7 +90,7 @@ class TritonExecutor:
                 sums = torch.empty(shape, dtype=torch.float32, device=bucket.device)
                 partials = torch.empty(tables.sizes.chunks, rule.num_sums, dtype=torch.float32, device=bucket.device)
                 self._launch(run, tables, aligned, passes[0], partials=partials)
-                kernels.launch_segment_sum(partials, tables, sums)
+                kernels.launch_segment_sum(partials, tables, sums, bucket.steps)
             else:
                 sums = torch.zeros(shape, dtype=torch.float32, device=bucket.device)
             factors = rule.finalize_run(run, sums)
@@ -96,7 +101,8 @@ class TritonExecutor:
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
         tables, aligned = self._tables(bucket, indices, bucket.param_ptrs, "sync")  # grads unread: the params
         if tables.sizes.chunks:
-            kernels.launch_step(SYNC_PASS.rule, (), tables, bucket.steps, (), (), bucket.dtype, False, aligned,
+            kernels.launch_step(SYNC_PASS.rule, (), tables, bucket.steps, bucket.tables.step_counters, (), (),
+                                bucket.dtype, False, aligned,
                                 store_param=SYNC_PASS.store_param, store_state=SYNC_PASS.store_state,
                                 slow=bucket.states["slow_param"], sync_rate=sync_rate)
 
@@ -104,10 +110,10 @@ class TritonExecutor:
     def _launch(run: Run, tables: kernels.Tables, aligned: bool, kernel_pass: KernelPass,
                 **kwargs: torch.Tensor | None) -> None:
         bucket = run.bucket
-        kernels.launch_step(kernel_pass.rule, run.flags, tables, bucket.steps,
+        kernels.launch_step(kernel_pass.rule, run.flags, tables, bucket.steps, bucket.tables.step_counters,
                             [bucket.states[name] for name in bucket.rule_state_names], run.hyper, bucket.dtype,
                             run.maximize, aligned, store_param=kernel_pass.store_param,
-                            store_state=kernel_pass.store_state, **kwargs)
+                            store_state=kernel_pass.store_state, advance_steps=kernel_pass.advance_steps, **kwargs)
 
     @staticmethod
     def _tables(bucket: Bucket, active: tuple[int, ...], grad_ptrs: list[int],
@@ -116,14 +122,16 @@ class TritonExecutor:
         it hints (params, grads, chunk starts) 16-byte aligned. Rows of a per-row rule start anywhere; 16 elements
         keep both fp32 state and 16-bit params aligned."""
         if bucket.tables is None:
-            bucket.tables = Tables()
+            bucket.tables = Tables(torch.zeros(len(bucket.params), dtype=torch.int32, device=bucket.device))
         cache: Tables = bucket.tables
         chunks = cache.chunks.get(active)
         if chunks is None:
             row_lengths = bucket.segments.row_lengths if bucket.segments is not None else None
             table = chunk_table_tensors(bucket.numels, active, kernels.block_size(bucket.dtype), row_lengths)
             packed, sizes = kernels.pack_chunk_table(bucket.offsets, table, bucket.device)
-            chunks = ChunkTables(packed, sizes, bool((table["chunk_start"] % 16 == 0).all()))
+            empty = [i for i in active if bucket.numels[i] == 0]
+            empty_active = bucket.active_mask(tuple(empty)) if empty else None
+            chunks = ChunkTables(packed, sizes, bool((table["chunk_start"] % 16 == 0).all()), empty_active)
             if len(cache.chunks) >= MAX_CHUNK_TABLES:  # bound the cache when grad sets keep changing
                 cache.chunks.pop(next(iter(cache.chunks)))
             cache.chunks[active] = chunks
