@@ -52,16 +52,24 @@ def test_triton_backend_rejects_non_contiguous_params_clearly():
 
 @pytest.mark.parametrize(("case", "backend"), case_backends(["reference", "triton", "cpu"]))
 def test_sparse_gradient_fails_before_modifying_anything(case, backend):
-    dense, emb = torch.randn(5), torch.randn(4, 3)
-    opt = case.make([{"params": [dense]}, {"params": [emb]}], backend=backend)
-    dense.grad, emb.grad = torch.randn(5), torch.randn(4, 3)
+    def sparse(dense, emb):
+        emb.grad = torch.sparse_coo_tensor([[0, 2]], torch.randn(2, 3), (4, 3))
+
+    _assert_step_fails_unchanged(case, backend, sparse, RuntimeError, "sparse", groups=True)
+
+
+def _assert_step_fails_unchanged(case, backend, spoil, error, match, groups=False):
+    """One good step, then a step whose grads ``spoil(dense, matrix)`` broke: it raises and changes nothing."""
+    dense, matrix = torch.randn(5), torch.randn(4, 3)
+    opt = case.make([{"params": [dense]}, {"params": [matrix]}] if groups else [dense, matrix], backend=backend)
+    dense.grad, matrix.grad = torch.randn(5), torch.randn(4, 3)
     opt.step()
-    snapshot = [(p.clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in (dense, emb)]
-    dense.grad = torch.randn(5)
-    emb.grad = torch.sparse_coo_tensor([[0, 2]], torch.randn(2, 3), (4, 3))
-    with pytest.raises(RuntimeError, match="sparse"):
+    snapshot = [(p.clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in (dense, matrix)]
+    dense.grad, matrix.grad = torch.randn(5), torch.randn(4, 3)
+    spoil(dense, matrix)
+    with pytest.raises(error, match=match):
         opt.step()
-    for p, (value, state) in zip((dense, emb), snapshot, strict=True):
+    for p, (value, state) in zip((dense, matrix), snapshot, strict=True):
         assert torch.equal(p, value)
         for k, v in state.items():
             assert torch.equal(opt.state[p][k], v), k
@@ -76,16 +84,7 @@ BAD_GRADS = {"one element": lambda p: torch.randn(1), "fp64": lambda p: torch.ra
 @pytest.mark.parametrize("bad", BAD_GRADS)
 @pytest.mark.parametrize(("case", "backend"), case_backends(["reference", "triton", "cpu"], triton_cases=FIRST_CASES))
 def test_mismatched_gradient_fails_before_modifying_anything(case, backend, bad):
-    dense, matrix = torch.randn(5), torch.randn(4, 3)
-    opt = case.make([dense, matrix], backend=backend)
-    dense.grad, matrix.grad = torch.randn(5), torch.randn(4, 3)
-    opt.step()
-    snapshot = [(p.clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in (dense, matrix)]
-    dense.grad, matrix.grad = torch.randn(5), torch.randn(4, 3)
-    matrix.grad.data = BAD_GRADS[bad](matrix)
-    with pytest.raises(ValueError, match="must match its param"):
-        opt.step()
-    for p, (value, state) in zip((dense, matrix), snapshot, strict=True):
-        assert torch.equal(p, value)
-        for k, v in state.items():
-            assert torch.equal(opt.state[p][k], v), k
+    def mismatched(dense, matrix):
+        matrix.grad.data = BAD_GRADS[bad](matrix)
+
+    _assert_step_fails_unchanged(case, backend, mismatched, ValueError, "must match its param")
