@@ -24,62 +24,17 @@ def padded_offsets(numels: Sequence[int], align: int = SEGMENT_ALIGN) -> tuple[l
     return offsets, total
 
 
-@dataclass
-class ChunkTable:
-    """Which elements each program works on, and how chunks group into segments for the per-tensor sums.
-
-    Chunk c covers elements [chunk_start[c], chunk_end[c]) of tensor chunk_tensor[c]; pass B reads its
-    per-tensor factors at row chunk_segment[c]. Segment s is the run of chunks segment_begin[s] ..
-    segment_end[s] - 1: segments 0..T-1 are the tensors; rules with per-row statistics (AdamP's channel view)
-    add one segment per row of each tensor that has rows, and their chunks never cross a row boundary.
-    """
-
-    chunk_tensor: list[int]
-    chunk_start: list[int]
-    chunk_end: list[int]
-    chunk_segment: list[int]
-    segment_begin: list[int]
-    segment_end: list[int]
-
-
-def chunk_table(numels: Sequence[int], tensors: Sequence[int], block: int,
-                row_lengths: Sequence[int | None] | None = None) -> ChunkTable:
-    """Chunks of at most ``block`` elements over the listed tensors, in order.
-
-    ``row_lengths[t]`` (None: no rows) splits tensor t into rows of that length; chunks then restart at every
-    row and each row is a segment of its own, after the T tensor segments.
-    """
-    num_tensors = len(numels)
-    rows = [0 if row_lengths is None or row_lengths[t] is None else numels[t] // row_lengths[t]
-            for t in range(num_tensors)]
-    first_row = [0] * num_tensors
-    for t in range(1, num_tensors):
-        first_row[t] = first_row[t - 1] + rows[t - 1]
-    num_segments = num_tensors + sum(rows)
-    table = ChunkTable([], [], [], [], [0] * num_segments, [0] * num_segments)
-    for t in tensors:
-        table.segment_begin[t] = len(table.chunk_tensor)
-        length = row_lengths[t] if rows[t] else max(numels[t], 1)
-        for r in range(max(rows[t], 1)):
-            segment = num_tensors + first_row[t] + r if rows[t] else t
-            table.segment_begin[segment] = len(table.chunk_tensor)
-            row_end = min((r + 1) * length, numels[t])
-            for start in range(r * length, row_end, block):
-                table.chunk_tensor.append(t)
-                table.chunk_start.append(start)
-                table.chunk_end.append(min(start + block, row_end))
-                table.chunk_segment.append(segment)
-            table.segment_end[segment] = len(table.chunk_tensor)
-        table.segment_end[t] = len(table.chunk_tensor)
-    return table
-
-
 def chunk_table_tensors(numels: Sequence[int], tensors: Sequence[int], block: int,
                         row_lengths: Sequence[int | None] | None = None) -> dict[str, torch.Tensor]:
-    """``chunk_table`` as int64 CPU tensors (chunk_tensor, chunk_start, chunk_end, chunk_segment, segment_begin,
-    segment_end), built with a fixed number of torch ops whatever the number of tensors, rows or chunks: the
-    Triton path rebuilds it when the set of tensors with a gradient changes. ``chunk_table`` (one Python loop) is
-    its reference, and they are tested equal."""
+    """The chunk table of the listed tensors, as int64 CPU tensors, built with a fixed number of torch ops
+    whatever the number of tensors, rows or chunks (the Triton path rebuilds it when the set of tensors with a
+    gradient changes; tests/test_layout.py checks it against a plain loop).
+
+    Chunk c covers elements [chunk_start[c], chunk_end[c]) of tensor chunk_tensor[c], at most ``block`` of them;
+    pass B reads its factors at row chunk_segment[c]. Segment s is chunks segment_begin[s] .. segment_end[s] - 1:
+    segments 0..T-1 are the tensors; ``row_lengths[t]`` (None: no rows) splits tensor t into rows that are
+    segments of their own, after the T tensor segments (AdamP's channel view), and chunks restart at every row.
+    """
     num_tensors = len(numels)
     numel = torch.tensor(list(numels), dtype=torch.int64)
     row = torch.tensor([0 if row_lengths is None or r is None else r for r in (row_lengths or [None] * num_tensors)],
