@@ -17,9 +17,11 @@ How the figures are read off the compiled code (nothing here runs a kernel):
   predicate) are per program, not per element, and left out. Both paths must move the same bytes.
 
 The variants (see ``variants()``): each optimizer's kernels with its default options in every param dtype
-(fp32, bf16, fp16), aligned and unaligned, with and without the fused Lookahead sync on the last pass, for every
-target; every other structural option (``FLAGS``, ``MAXIMIZE``) in fp32 and bf16, aligned; the segment sums;
-and Lookahead / Scout's standalone sync. Compiling is 0.5-1 s per variant per target (cached by Triton after).
+(fp32, bf16, fp16), with and without the fused Lookahead sync on the last pass, for every target; every other
+structural option (``FLAGS``, ``MAXIMIZE``) in fp32 and bf16; the segment sums, with each rule's finalize in their
+epilogue and without (sharded params); and Lookahead / Scout's standalone sync. Alignment is no variant: each
+program picks the hinted full-block path when its chunk is aligned, the masked one otherwise. Compiling is 0.5-1 s
+per variant per target (cached by Triton after).
 """
 
 from __future__ import annotations
@@ -101,7 +103,6 @@ class Variant:
     store_param: bool
     store_state: bool
     dtype: str
-    aligned: bool
     sync: bool
     maximize: bool
     arch: int
@@ -113,7 +114,7 @@ class Variant:
     def label(self) -> str:
         kind = f"{self.rule[1]}" if self.rule[0] else "segment_sum"
         return (f"{self.optimizer}[{self.options}] {self.pass_}:{kind} {self.dtype} "
-                f"{'aligned' if self.aligned else 'unaligned'}{' +sync' if self.sync else ''} sm_{self.arch}")
+                f"{' +sync' if self.sync else ''} sm_{self.arch}")
 
 
 @dataclass
@@ -215,33 +216,39 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
             seen.add(key)
             default = index == 0
             label = "default" if default else _options_label(getattr(fusedoptim, spec.cls), options)
-            # The other options change the rule's code, not how it is addressed: fp32 and bf16, aligned, on sm_90.
+            # The other options change the rule's code, not how it is addressed: fp32 and bf16, on sm_90.
             dtypes = DTYPES if default else ("fp32", "bf16")
             targets = archs if default else ((90,) if 90 in archs else archs[:1])
-            for p, dtype, aligned, arch in itertools.product(passes, dtypes, (True, False), targets):
-                if not default and not aligned:
-                    continue
+            for p, dtype, arch in itertools.product(passes, dtypes, targets):
                 model = {"fp32": model32, "bf16": model16}.get(dtype)
                 if dtype == "fp16":
                     model = model16  # same element size as bf16
                 name = "step" if len(passes) == 1 else ("prepare" if p.num_sums else "apply")
                 for sync in ((False, True) if p.last and default else (False,)):
                     out.append(Variant(spec.name, label, name, _rule_name(p.rule), tuple(flags), num_states, num_hyper,
-                                       p.num_sums, p.num_factors, p.store_param, p.store_state, dtype, aligned,
+                                       p.num_sums, p.num_factors, p.store_param, p.store_state, dtype,
                                        sync, maximize, arch, model, state_types(dtype), p.advance_steps))
             for p in passes:
-                if p.num_sums and p.num_sums not in num_sums_seen:
+                if not p.num_sums:
+                    continue
+                finalize = getattr(fusedoptim, spec.cls).rule.triton_finalize
+                # the segment sum with the rule's finalize: its flags change the finalize's code
+                for arch in archs if default else targets:
+                    out.append(Variant(spec.name, label, "segment_sum", _rule_name(finalize[0]), tuple(flags), 0,
+                                       num_hyper, p.num_sums, passes[-1].num_factors, False,
+                                       False, "fp32", False, maximize, arch))
+                if p.num_sums not in num_sums_seen:  # without a finalize (sharded params): one per sum count
                     num_sums_seen.add(p.num_sums)
                     for arch in archs:
                         out.append(Variant(spec.name, label, "segment_sum", ("", ""), (), 0, 0, p.num_sums, 0,
-                                           False, False, "fp32", True, False, False, arch))
+                                           False, False, "fp32", False, False, arch))
     from fusedoptim.wrappers import SYNC_PASS
 
-    for dtype, aligned, arch in itertools.product(DTYPES, (True, False), archs):
+    for dtype, arch in itertools.product(DTYPES, archs):
         # read θ and the fp32 slow weight, write both
         model = 2 * element_size[dtype] + 8
         out.append(Variant("lookahead", "sync", "sync", _rule_name(SYNC_PASS.rule), (), 0, 0, 0, 0,
-                           SYNC_PASS.store_param, SYNC_PASS.store_state, dtype, aligned, True, False, arch, model))
+                           SYNC_PASS.store_param, SYNC_PASS.store_state, dtype, True, False, arch, model))
     return out
 
 
@@ -275,13 +282,18 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
     if not isinstance(multi_tensor_step_kernel, triton.runtime.JITFunction):
         raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted functions and cannot be compiled")
     if v.pass_ == "segment_sum":
-        kernel, signature = segment_sum_kernel, dict(kernels.SEGMENT_SUM_SIGNATURE)
-        options = kernels.segment_sum_options(v.num_sums)
+        import fusedoptim
+
+        rule = getattr(fusedoptim, BY_NAME[v.optimizer].cls).rule
+        finalize = rule.triton_finalize if v.rule[0] else ()
+        kernel = segment_sum_kernel
+        signature = kernels.segment_sum_signature(len(rule.tensor_states) if finalize else 0, v.num_hyper)
+        options = kernels.segment_sum_options(v.num_sums, finalize, v.flags, v.num_factors)
     else:
         kernel, signature = multi_tensor_step_kernel, kernels.step_signature(v.num_states, v.num_hyper, v.state_types)
         rule = getattr(importlib.import_module(v.rule[0]), v.rule[1])
         dtype = _torch_dtype(v.dtype)
-        options = kernels.step_options(rule, v.flags, dtype, v.maximize, v.aligned, num_sums=v.num_sums,
+        options = kernels.step_options(rule, v.flags, dtype, v.maximize, num_sums=v.num_sums,
                                        num_factors=v.num_factors, store_param=v.store_param,
                                        store_state=v.store_state, sync=v.sync, advance_steps=v.advance_steps)
     compiler = {name: options.pop(name) for name in list(options) if name not in kernel.arg_names}
@@ -512,16 +524,15 @@ def summary(results: list[Result]) -> dict[str, Any]:
         "compiled": len(ok),
         "archs": sorted({r.variant.arch for r in results}),
         "max_spill_bytes": max((r.spill_store_bytes + r.spill_load_bytes for r in ok), default=0),
-        "aligned_all_128": all(set(r.full_path_widths) == {128} for r in ok
-                               if r.variant.aligned and r.variant.pass_ != "segment_sum"),
+        "full_path_all_128": all(set(r.full_path_widths) == {128} for r in ok if r.variant.pass_ != "segment_sum"),
     }
 
 
 def table(results: list[Result], launches: dict[str, int], arch: int = 90) -> str:
-    """The per-optimizer table (default options, aligned, sm_90 registers)."""
+    """The per-optimizer table (default options, sm_90 registers)."""
     def pick(name: str, dtype: str, sync: bool = False) -> list[Result]:
         return [r for r in results if r.variant.optimizer == name and r.variant.options == "default"
-                and r.variant.dtype == dtype and r.variant.aligned and r.variant.arch == arch
+                and r.variant.dtype == dtype and r.variant.arch == arch
                 and r.variant.pass_ not in ("segment_sum",) and r.variant.sync == sync and r.error is None]
 
     def seconds(bytes_per_param: float) -> str:
@@ -575,8 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         s = summary(results)
         print(table(results, launches, 90 if 90 in archs else archs[0]))
         print(f"\n{s['compiled']} of {s['variants']} variants compiled for sm_{', sm_'.join(map(str, s['archs']))}; "
-              f"largest spill {s['max_spill_bytes']} B; aligned full-block loads and stores all 128-bit: "
-              f"{s['aligned_all_128']}. Modelled: bytes/param × 1e9 / 3.0 TB/s (H100 achievable copy bandwidth); "
+              f"largest spill {s['max_spill_bytes']} B; full-block loads and stores all 128-bit: "
+              f"{s['full_path_all_128']}. Modelled: bytes/param × 1e9 / 3.0 TB/s (H100 achievable copy bandwidth); "
               "no GPU ran.")
         for r in results:
             if r.error:

@@ -37,10 +37,10 @@ def _profiles() -> dict[str, list[tuple[int, ...]]]:
 
 @contextlib.contextmanager
 def stubbed_launches() -> Iterator[None]:
-    """Kernel launches do nothing (but count), and the chunk tables use the compiled block sizes."""
+    """Kernel launches do nothing (but count), and the chunk tables use the compiled block and group sizes."""
     from fusedoptim import kernels
 
-    saved = kernels.launch_step, kernels.launch_segment_sum, kernels.block_size
+    saved = kernels.launch_step, kernels.launch_segment_sum, kernels.block_size, kernels._launch.SUM_GROUP
 
     def launch_step(*args, **kwargs):
         kernels.LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
@@ -50,10 +50,11 @@ def stubbed_launches() -> Iterator[None]:
 
     kernels.launch_step, kernels.launch_segment_sum = launch_step, launch_segment_sum
     kernels.block_size = lambda dtype: kernels._launch.BLOCK_COMPILED[dtype]
+    kernels._launch.SUM_GROUP = kernels._launch.SUM_GROUP_COMPILED
     try:
         yield
     finally:
-        kernels.launch_step, kernels.launch_segment_sum, kernels.block_size = saved
+        kernels.launch_step, kernels.launch_segment_sum, kernels.block_size, kernels._launch.SUM_GROUP = saved
 
 
 def _time(step, steps: int, device: torch.device) -> float:

@@ -68,7 +68,6 @@ def launch_step(
     hyper: tuple[float, ...],
     param_dtype: torch.dtype,
     maximize: bool,
-    aligned: bool,
     *,
     partials: torch.Tensor | None = None,
     factors: torch.Tensor | None = None,
@@ -90,8 +89,8 @@ def launch_step(
     check_devices(steps.device, tables=tables[:2], step_counters=step_counters, states=states, partials=partials,
                   factors=factors, slow=slow, sync_rate=sync_rate)
     (param_ptrs, grad_ptrs, state_offsets, segment_begin, segment_end, chunk_tensor, chunk_start, chunk_end,
-     chunk_segment) = split_tables(tables)
-    options = step_options(rule, flags, param_dtype, maximize, aligned,
+     chunk_segment) = split_tables(tables)[:9]
+    options = step_options(rule, flags, param_dtype, maximize,
                            num_sums=0 if partials is None else partials.shape[1],
                            num_factors=0 if factors is None else factors.shape[1],
                            store_param=store_param, store_state=store_state, sync=slow is not None,
@@ -116,15 +115,15 @@ def check_devices(device: torch.device, **tensors: torch.Tensor | Sequence[torch
                 raise ValueError(f"fusedoptim launcher: {name} is on {t.device}, the params on {device}")
 
 
-def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtype, maximize: bool, aligned: bool,
-                 *, num_sums: int = 0, num_factors: int = 0, store_param: bool = True, store_state: bool = True,
+def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtype, maximize: bool, *,
+                 num_sums: int = 0, num_factors: int = 0, store_param: bool = True, store_state: bool = True,
                  sync: bool = False, advance_steps: int = 0) -> dict:
     """The compile-time arguments of one ``multi_tensor_step_kernel`` launch (its constexprs and compiler options):
     together with ``step_signature`` they name the specialisation that runs. The compiled-code checks
     (``benchmarks/compiled.py``) build what they compile from these two functions, so they check what is launched.
     """
     return dict(RULE=rule, FLAGS=tuple(flags), PARAM_DTYPE=_TL_DTYPES[param_dtype], MAXIMIZE=maximize,
-                ALIGNED=aligned, BLOCK=block_size(param_dtype), NUM_SUMS=num_sums, NUM_FACTORS=num_factors,
+                BLOCK=block_size(param_dtype), NUM_SUMS=num_sums, NUM_FACTORS=num_factors,
                 STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=sync, ADVANCE_STEPS=advance_steps,
                 **STEP_COMPILE_OPTIONS)
 
@@ -145,26 +144,89 @@ def step_signature(num_states: int, num_hyper: int,
     return signature
 
 
-def segment_sum_options(num_sums: int) -> dict:
-    """The compile-time arguments of one ``segment_sum_kernel`` launch (see ``step_options``)."""
-    return dict(NUM_SUMS=num_sums, SUMS_POW2=triton.next_power_of_2(num_sums), CHUNKS=64 if INTERPRETED else 16,
-                num_warps=1)
+#: The segment sum's shape. Compiled: ROWS partial rows per step (4 warps, a [128, 4] fp32 tile: 4 per thread);
+#: a segment of more than GROUP chunks (512 K fp32 elements) is added by several programs, so the longest serial
+#: chain is GROUP / ROWS + groups / ROWS steps: 8 + 1 for GPT-2's embedding (75 k chunks), 4,712 in one program.
+#: Interpreted: one chunk per group, two rows per step, so that the small tensors of the tests take every path.
+SUM_ROWS = 2 if INTERPRETED else 128
+SUM_GROUP_COMPILED = 1024
+SUM_GROUP = 1 if INTERPRETED else SUM_GROUP_COMPILED
+#: Rows whose factors a rule with row statistics writes per step (AdamP; 4 interpreted, so the tests' rows loop).
+SUM_ROW_FACTORS = 4 if INTERPRETED else 128
 
 
-SEGMENT_SUM_SIGNATURE = {"partials": "*fp32", "segment_begin": "*i64", "segment_end": "*i64", "sums": "*fp32",
-                         "steps": "*fp32", "num_tensors": "i32"}
+def segment_sum_options(num_sums: int, finalize: tuple = (), flags: tuple = (), num_factors: int = 0) -> dict:
+    """The compile-time arguments of one ``segment_sum_kernel`` launch (see ``step_options``); ``finalize``: the
+    rule's Triton finalize, and for rules with row statistics its row test and row factors (empty: none)."""
+    finalize = tuple(finalize) + (None,) * (3 - len(finalize))
+    return dict(NUM_SUMS=num_sums, SUMS_POW2=triton.next_power_of_2(num_sums), ROWS=SUM_ROWS, GROUP=SUM_GROUP,
+                FINALIZE=finalize[0], ROW_TEST=finalize[1], ROW_FACTORS=finalize[2], FLAGS=tuple(flags),
+                NUM_FACTORS=num_factors, ROWS_STEP=SUM_ROW_FACTORS, num_warps=4)
 
 
-def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tensor, steps: torch.Tensor) -> None:
-    """sums[s, k] = the partials of segment s's chunks, added in a fixed order (one program per segment); the
-    steps of the tensors pass A covered advance by 1."""
-    check_devices(sums.device, partials=partials, tables=tables.chunks, steps=steps)
-    segment_begin, segment_end = split_tables(tables)[3:5]
+def segment_sum_signature(num_tensor_states: int = 0, num_hyper: int = 0) -> dict[str, str | tuple[str, ...]]:
+    """Triton's types of ``segment_sum_kernel``'s runtime arguments as ``launch_segment_sum`` passes them."""
+    signature: dict[str, str | tuple[str, ...]] = {name: "*i64" for name in (
+        "segment_begin", "segment_end", "group_segment", "segment_group", "row_begin", "row_end", "row_tensor")}
+    signature.update({name: "*fp32" for name in ("partials", "group_sums", "sums", "steps", "factors", "numels",
+                                                 "fan_in")})
+    signature.update(counters="*i32", failing_rows="*i32", tensor_states=("*fp32",) * num_tensor_states,
+                     hyper=("fp32",) * num_hyper, num_tensors="i32", num_segments="i32")
+    return signature
+
+
+class Finalize(NamedTuple):
+    """What the segment sum needs to run a rule's finalize on the device (``segment_sum_kernel``): the rule's
+    Triton finalize (and row test and row factors), its flags, hyperparameters and per-tensor states, and the
+    output factors ([S, F])."""
+
+    functions: tuple
+    flags: tuple
+    hyper: tuple[float, ...]
+    tensor_states: tuple[torch.Tensor, ...]
+    factors: torch.Tensor
+
+
+class SumTables(NamedTuple):
+    """Per bucket, on the params' device: the arrival counters (int32[S + T] zeros), the tensors' numels and row
+    lengths (fp32[T]), their row segments (int64[T] begin and end, int64[R] the tensor of each row) and the failing
+    row counts (int32[T] zeros). The kernel leaves the zeros as it found them."""
+
+    counters: torch.Tensor
+    numels: torch.Tensor
+    fan_in: torch.Tensor
+    row_begin: torch.Tensor
+    row_end: torch.Tensor
+    row_tensor: torch.Tensor
+    failing_rows: torch.Tensor
+
+
+def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tensor, steps: torch.Tensor,
+                       sum_tables: SumTables, finalize: Finalize | None = None) -> None:
+    """sums[s, k] = the partials of segment s's chunks, added in a fixed order; the steps of the tensors pass A
+    covered advance by 1; with ``finalize``, the factors of every segment and the per-tensor states of the covered
+    tensors, in the same launch."""
+    tensors = [partials, steps, *sum_tables] + ([] if finalize is None else [finalize.factors,
+                                                                             *finalize.tensor_states])
+    check_devices(sums.device, tables=tables.chunks, tensors=tensors)
+    segment_begin, segment_end, *_, segment_group, group_segment = split_tables(tables)[3:]
+    # one group per segment: no group sums are stored, and partials stands in for them
+    group_sums = partials if tables.sizes.groups == tables.sizes.segments else torch.empty(
+        tables.sizes.groups, partials.shape[1], dtype=torch.float32, device=sums.device)
+    if finalize is None:
+        options = segment_sum_options(partials.shape[1])
+        factors, tensor_states, hyper = sums, (), ()
+    else:
+        options = segment_sum_options(partials.shape[1], finalize.functions, finalize.flags,
+                                      finalize.factors.shape[1])
+        factors, tensor_states, hyper = finalize.factors, finalize.tensor_states, finalize.hyper
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        segment_sum_kernel[(tables.sizes.segments,)](partials, segment_begin, segment_end, sums, steps,
-                                                     tables.sizes.tensors,
-                                                     **segment_sum_options(partials.shape[1]))
+        segment_sum_kernel[(tables.sizes.groups,)](
+            partials, segment_begin, segment_end, group_segment, segment_group, group_sums, sums, steps,
+            sum_tables.counters, factors, tuple(tensor_states), sum_tables.numels, sum_tables.fan_in,
+            sum_tables.row_begin, sum_tables.row_end, sum_tables.row_tensor, sum_tables.failing_rows,
+            tuple(hyper), tables.sizes.tensors, tables.sizes.segments, **options)
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 
@@ -174,6 +236,7 @@ class TableSizes(NamedTuple):
     tensors: int
     segments: int
     chunks: int
+    groups: int  # the segment sum's programs
 
 
 class Tables(NamedTuple):
@@ -207,9 +270,19 @@ def pack_pointers(param_ptrs: Sequence[int], grad_ptrs: Sequence[int], device: t
     return _to_device(torch.tensor(list(param_ptrs) + pad + list(grad_ptrs) + pad, dtype=torch.int64), device, out)
 
 
-#: The parts of a chunk table, in order: per tensor, per segment (2) and per chunk (4).
+#: The parts of a chunk table, in order: per tensor, per segment (2), per chunk (4), per segment and per group of
+#: the segment sum (``sum_groups``).
 CHUNK_TABLE_PARTS = ("state_offsets", "segment_begin", "segment_end", "chunk_tensor", "chunk_start", "chunk_end",
-                     "chunk_segment")
+                     "chunk_segment", "segment_group", "group_segment")
+
+
+def sum_groups(segment_begin: torch.Tensor, segment_end: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """The segment sum's programs: segment s (chunks segment_begin[s] .. segment_end[s] - 1) is added by
+    max(1, ceil(chunks / group)) consecutive programs from segment_group[s]; group_segment[g] is program g's
+    segment. Fixed torch ops, whatever the number of segments."""
+    groups = (-(-(segment_end - segment_begin) // group)).clamp(min=1)
+    return dict(segment_group=torch.cumsum(groups, 0) - groups,
+                group_segment=torch.repeat_interleave(torch.arange(len(groups)), groups))
 
 
 def pack_chunk_table(state_offsets: Sequence[int], chunks: dict[str, torch.Tensor],
@@ -217,18 +290,19 @@ def pack_chunk_table(state_offsets: Sequence[int], chunks: dict[str, torch.Tenso
     """One int64 tensor on ``device`` holding CHUNK_TABLE_PARTS in order, each padded to even, from
     ``state_offsets`` and the int64 CPU tensors of ``fusedoptim._layout.chunk_table_tensors``; ``split_tables``
     gives the views back. One H2D copy."""
+    chunks = {**chunks, **sum_groups(chunks["segment_begin"], chunks["segment_end"], SUM_GROUP)}
     parts = [torch.tensor(list(state_offsets), dtype=torch.int64)] + [chunks[name] for name in CHUNK_TABLE_PARTS[1:]]
     padded = [torch.nn.functional.pad(part, (0, _even(len(part)) - len(part))) for part in parts]
-    sizes = TableSizes(len(parts[0]), len(parts[1]), len(parts[3]))
+    sizes = TableSizes(len(parts[0]), len(parts[1]), len(parts[3]), len(parts[-1]))
     return _to_device(torch.cat(padded), device), sizes
 
 
 def split_tables(tables: Tables) -> tuple[torch.Tensor, ...]:
     """Views of the tables: param_ptrs, grad_ptrs, then CHUNK_TABLE_PARTS."""
-    t, s, c = tables.sizes
+    t, s, c, g = tables.sizes
     views = [tables.pointers[:t], tables.pointers[_even(t):_even(t) + t]]
     start = 0
-    for length in (t, s, s, c, c, c, c):
+    for length in (t, s, s, c, c, c, c, s, g):
         views.append(tables.chunks[start:start + length])
         start += _even(length)
     return tuple(views)

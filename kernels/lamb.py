@@ -37,3 +37,14 @@ def lamb_apply(param, grad, state, step, trust_ratio,
     update = _lamb_direction(param, state[0], state[1], step, log_beta1, log_beta2, eps, weight_decay,
                              bias_correction)
     return param - lr * trust_ratio * update, state
+
+
+@triton.jit
+def lamb_finalize(sums, step, numel, fan_in, failing_rows, tensor_states,
+                  lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, scale_lo, scale_hi,
+                  bias_correction: tl.constexpr):
+    """One tensor's trust ratio φ(‖θ‖)/‖u‖, 1 where φ(‖θ‖) or ‖u‖ is 0 (the segment sum's epilogue)."""
+    param_norm, update_norm = tl.sqrt(sums[0]), tl.sqrt(sums[1])
+    phi = tl.minimum(tl.maximum(param_norm, scale_lo), scale_hi)
+    trust_ratio = tl.where((phi == 0) | (update_norm == 0), 1.0, phi / update_norm)
+    return (trust_ratio,), (), ()

@@ -24,3 +24,15 @@ def lars_apply(param, grad, state, step, trust_ratio,
             update = momentum_buffer
         state = (momentum_buffer,)
     return param - lr * update, state
+
+
+@triton.jit
+def lars_finalize(sums, step, numel, fan_in, failing_rows, tensor_states,
+                  lr, momentum, dampening, weight_decay, trust_coefficient, scale_lo, scale_hi,
+                  use_momentum: tl.constexpr, nesterov: tl.constexpr):
+    """One tensor's local LR η·φ(‖θ‖)/(‖g‖ + λ‖θ‖), 1 where ‖θ‖ or ‖g‖ is 0 (the segment sum's epilogue)."""
+    param_norm, grad_norm = tl.sqrt(sums[0]), tl.sqrt(sums[1])
+    phi = tl.minimum(tl.maximum(param_norm, scale_lo), scale_hi)
+    trust_ratio = tl.where((param_norm == 0) | (grad_norm == 0), 1.0,
+                           trust_coefficient * phi / (grad_norm + weight_decay * param_norm))
+    return (trust_ratio,), (), ()

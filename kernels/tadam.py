@@ -33,3 +33,18 @@ def tadam_apply(param, grad, state, step, old_weight, new_weight,
     denom = tl.sqrt(second_moment) * (1.0 / tl.sqrt(bias_correction(log_beta2, step))) + eps  # 1 division, not 2
     param = param - lr / bias_correction(log_beta1, step) * exp_avg / denom
     return param, new_state
+
+
+@triton.jit
+def tadam_finalize(sums, step, numel, fan_in, failing_rows, tensor_states,
+                   lr, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, dof,
+                   amsgrad: tl.constexpr, l2: tl.constexpr):
+    """One tensor's weight w = (ν + d)/(ν + Σ(g−m)²/(v+ε)), its mixing weights W/(W + w), w/(W + w), and
+    W_t ← W·(2β1 − 1)/β1 + w (W_0 = β1/(1 − β1)), in fp64 as the torch finalize."""
+    b1 = beta1.to(tl.float64)
+    d = numel.to(tl.float64)
+    nu = tl.where(dof == 0, d, dof.to(tl.float64))
+    weight = tl.where(nu == float("inf"), 1.0, (nu + d) / (nu + sums[0].to(tl.float64)))
+    total_weight = tl.where(step == 1, b1 / (1.0 - b1), tensor_states[0].to(tl.float64))
+    return ((total_weight / (total_weight + weight), weight / (total_weight + weight)), (),
+            (total_weight * (2.0 * b1 - 1.0) / b1 + weight,))

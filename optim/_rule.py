@@ -90,6 +90,9 @@ class TwoPassRule(Rule):
         tensor_states: per-tensor scalar states that finalize updates (TAdam's ``W_t``).
         prepare_writes_state, apply_writes_state: which pass stores the states.
         row_statistics: params with ndim > 1 also get one segment per row (AdamP's channel view).
+        triton_finalize: the finalize in Triton (``kernels/<name>.py``), run by the segment sum on the device, and for
+            rules with row statistics its row test and row factors; the torch ``finalize`` stays the reference and
+            runs for sharded params (their sums are all-reduced first) and tensors without elements.
         shard_terms: for a rule whose finalize also needs per-tensor figures of its local row sums (AdamP: how many
             rows fail the channel test), ``(sums, segments, *hyper, *flags) -> fp32[T]``: on sharded params they are
             summed over the ranks with the tensors' sums (one all-reduce) and passed to finalize as
@@ -106,6 +109,7 @@ class TwoPassRule(Rule):
     apply_writes_state: bool = False
     row_statistics: bool = False
     shard_terms: Callable[..., torch.Tensor] | None = None
+    triton_finalize: tuple[Any, ...] | None = None
 
     def kernel_passes(self) -> tuple[KernelPass, ...]:
         if self.triton is None:

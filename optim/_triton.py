@@ -29,21 +29,19 @@ MAX_CHUNK_TABLES = 16
 
 @dataclass
 class ChunkTables:
-    """The device chunk table of one set of tensors, and whether every chunk start is 16-element aligned."""
+    """The device chunk table of one set of tensors."""
 
     packed: torch.Tensor
     sizes: kernels.TableSizes
-    starts_aligned: bool
     empty_active: torch.Tensor | None  # fp32[T] mask of the tensors listed that have no element (no program)
 
 
 @dataclass
 class PointerTable:
-    """A device table of param and grad addresses, and the tensors whose addresses are not 16-byte aligned."""
+    """A device table of param and grad addresses."""
 
     key: tuple
     device: torch.Tensor
-    misaligned: frozenset[int]
 
 
 @dataclass
@@ -54,6 +52,7 @@ class Tables:
     chunks: dict[tuple[int, ...], ChunkTables] = field(default_factory=dict)
     step_pointers: PointerTable | None = None
     sync_pointers: PointerTable | None = None  # the sync pass reads the params in place of grads
+    sums: kernels.SumTables | None = None  # what the segment sum reads of a two-pass bucket
 
 
 class TritonExecutor:
@@ -78,49 +77,78 @@ class TritonExecutor:
         bucket, rule = run.bucket, run.rule
         # Non-contiguous grads are read through a contiguous copy (grads are never written).
         grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
-        tables, aligned = self._tables(bucket, run.active, [0 if g is None else g.data_ptr() for g in grads], "step")
+        tables = self._tables(bucket, run.active, [0 if g is None else g.data_ptr() for g in grads], "step")
         chunks = bucket.tables.chunks[run.active]
         if chunks.empty_active is not None:  # no program advances them (e.g. FSDP2's empty shards)
             bucket.steps.add_(chunks.empty_active)
         passes = rule.kernel_passes()
         factors = None
         if rule.two_pass:
-            shape = (tables.sizes.segments, rule.num_sums)
-            if tables.sizes.chunks:  # the segment sum writes every segment (0 for the empty ones): no fill launch
-                sums = torch.empty(shape, dtype=torch.float32, device=bucket.device)
-                partials = torch.empty(tables.sizes.chunks, rule.num_sums, dtype=torch.float32, device=bucket.device)
-                self._launch(run, tables, aligned, passes[0], partials=partials)
-                kernels.launch_segment_sum(partials, tables, sums, bucket.steps)
-            else:
-                sums = torch.zeros(shape, dtype=torch.float32, device=bucket.device)
-            factors = rule.finalize_run(run, sums)
+            factors = self._sum_and_finalize(run, tables, chunks)
         if tables.sizes.chunks:
             slow = None if run.sync_rate is None else bucket.states["slow_param"]
-            self._launch(run, tables, aligned, passes[-1], factors=factors, slow=slow, sync_rate=run.sync_rate)
+            self._launch(run, tables, passes[-1], factors=factors, slow=slow, sync_rate=run.sync_rate)
+
+    def _sum_and_finalize(self, run: Run, tables: kernels.Tables, chunks: ChunkTables) -> torch.Tensor:
+        """Pass A, then one launch that sums per segment, advances the steps and (with the rule's Triton finalize)
+        computes the factors on the device: 3 launches a step with pass B. Sharded params finalize in torch after
+        their sums are all-reduced, as do buckets with tensors of no element (their steps advance apart)."""
+        bucket, rule = run.bucket, run.rule
+        shape = (tables.sizes.segments, rule.num_sums)
+        if not tables.sizes.chunks:
+            return rule.finalize_run(run, torch.zeros(shape, dtype=torch.float32, device=bucket.device))
+        # the segment sum writes every segment (0 for the empty ones): no fill launch
+        sums = torch.empty(shape, dtype=torch.float32, device=bucket.device)
+        partials = torch.empty(tables.sizes.chunks, rule.num_sums, dtype=torch.float32, device=bucket.device)
+        self._launch(run, tables, rule.kernel_passes()[0], partials=partials)
+        on_device = rule.triton_finalize is not None and bucket.sharding is None and chunks.empty_active is None
+        finalize = None
+        if on_device:
+            factors = torch.empty(tables.sizes.segments, len(rule.factor_names), dtype=torch.float32,
+                                  device=bucket.device)
+            finalize = kernels.Finalize(rule.triton_finalize, tuple(run.flags), tuple(run.hyper),
+                                        tuple(bucket.tensor_states.values()), factors)
+        kernels.launch_segment_sum(partials, tables, sums, bucket.steps, self._sum_tables(bucket), finalize)
+        if not on_device:
+            return rule.finalize_run(run, sums)
+        bucket.sums, bucket.factors = sums, finalize.factors
+        return finalize.factors
+
+    @staticmethod
+    def _sum_tables(bucket: Bucket) -> kernels.SumTables:
+        """The segment sum's per-bucket tables (built once: a bucket's tensors and rows are fixed)."""
+        cache: Tables = bucket.tables
+        if cache.sums is None:
+            num_tensors, segments, device = len(bucket.params), bucket.segments, bucket.device
+            rows = [0 if r is None else n // r for n, r in zip(bucket.numels, segments.row_lengths, strict=True)]
+            row_begin = torch.tensor([num_tensors + f for f in segments.first_row], dtype=torch.int64)
+            cache.sums = kernels.SumTables(
+                counters=torch.zeros(segments.num_segments + num_tensors, dtype=torch.int32, device=device),
+                numels=segments.numels, fan_in=segments.fan_in, row_begin=row_begin.to(device),
+                row_end=(row_begin + torch.tensor(rows, dtype=torch.int64)).to(device),
+                row_tensor=segments.row_tensor, failing_rows=torch.zeros(num_tensors, dtype=torch.int32, device=device))
+        return cache.sums
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
-        tables, aligned = self._tables(bucket, indices, bucket.param_ptrs, "sync")  # grads unread: the params
+        tables = self._tables(bucket, indices, bucket.param_ptrs, "sync")  # grads unread: the params
         if tables.sizes.chunks:
             kernels.launch_step(SYNC_PASS.rule, (), tables, bucket.steps, bucket.tables.step_counters, (), (),
-                                bucket.dtype, False, aligned,
+                                bucket.dtype, False,
                                 store_param=SYNC_PASS.store_param, store_state=SYNC_PASS.store_state,
                                 slow=bucket.states["slow_param"], sync_rate=sync_rate)
 
     @staticmethod
-    def _launch(run: Run, tables: kernels.Tables, aligned: bool, kernel_pass: KernelPass,
+    def _launch(run: Run, tables: kernels.Tables, kernel_pass: KernelPass,
                 **kwargs: torch.Tensor | None) -> None:
         bucket = run.bucket
         kernels.launch_step(kernel_pass.rule, run.flags, tables, bucket.steps, bucket.tables.step_counters,
                             [bucket.states[name] for name in bucket.rule_state_names], run.hyper, bucket.dtype,
-                            run.maximize, aligned, store_param=kernel_pass.store_param,
+                            run.maximize, store_param=kernel_pass.store_param,
                             store_state=kernel_pass.store_state, advance_steps=kernel_pass.advance_steps, **kwargs)
 
     @staticmethod
-    def _tables(bucket: Bucket, active: tuple[int, ...], grad_ptrs: list[int],
-                kind: str) -> tuple[kernels.Tables, bool]:
-        """The tables for these tensors and grad addresses, and whether the aligned variant may run: every address
-        it hints (params, grads, chunk starts) 16-byte aligned. Rows of a per-row rule start anywhere; 16 elements
-        keep both fp32 state and 16-bit params aligned."""
+    def _tables(bucket: Bucket, active: tuple[int, ...], grad_ptrs: list[int], kind: str) -> kernels.Tables:
+        """The tables for these tensors and grad addresses. Alignment is the kernel's business, per chunk."""
         if bucket.tables is None:
             bucket.tables = Tables(torch.zeros(len(bucket.params), dtype=torch.int32, device=bucket.device))
         cache: Tables = bucket.tables
@@ -130,8 +158,7 @@ class TritonExecutor:
             table = chunk_table_tensors(bucket.numels, active, kernels.block_size(bucket.dtype), row_lengths)
             packed, sizes = kernels.pack_chunk_table(bucket.offsets, table, bucket.device)
             empty = [i for i in active if bucket.numels[i] == 0]
-            empty_active = bucket.active_mask(tuple(empty)) if empty else None
-            chunks = ChunkTables(packed, sizes, bool((table["chunk_start"] % 16 == 0).all()), empty_active)
+            chunks = ChunkTables(packed, sizes, bucket.active_mask(tuple(empty)) if empty else None)
             if len(cache.chunks) >= MAX_CHUNK_TABLES:  # bound the cache when grad sets keep changing
                 cache.chunks.pop(next(iter(cache.chunks)))
             cache.chunks[active] = chunks
@@ -140,14 +167,12 @@ class TritonExecutor:
         if pointers is None or pointers.key != key:
             device = kernels.pack_pointers(bucket.param_ptrs, grad_ptrs, bucket.device,
                                            out=None if pointers is None else pointers.device)
-            misaligned = frozenset(i for i, (p, g) in enumerate(zip(*key, strict=True)) if p % 16 or g % 16)
-            pointers = PointerTable(key, device, misaligned)
+            pointers = PointerTable(key, device)
             if kind == "step":
                 cache.step_pointers = pointers
             else:
                 cache.sync_pointers = pointers
-        aligned = chunks.starts_aligned and pointers.misaligned.isdisjoint(active)
-        return kernels.Tables(pointers.device, chunks.packed, chunks.sizes), aligned
+        return kernels.Tables(pointers.device, chunks.packed, chunks.sizes)
 
 
 EXECUTOR = TritonExecutor()

@@ -144,7 +144,10 @@ class AdamP(FusedOptimizer):
     rule = TwoPassRule(cpu="adamp", states=("exp_avg", "exp_avg_sq"), optional_states=(("max_exp_avg_sq", "amsgrad"),),
                        num_sums=4, finalize=adamp_finalize, factor_names=("projection", "decay"),
                        row_statistics=True, shard_terms=adamp_failing_rows, reference=(adamp_prepare, adamp_apply),
-                       triton=None if kernels is None else (kernels.adamp.adamp_prepare, kernels.adamp.adamp_apply))
+                       triton=None if kernels is None else (kernels.adamp.adamp_prepare, kernels.adamp.adamp_apply),
+                       triton_finalize=None if kernels is None else (kernels.adamp.adamp_finalize,
+                                                                     kernels.adamp.adamp_row_fails,
+                                                                     kernels.adamp.adamp_row_factors))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, delta: float = 0.1, *,

@@ -88,7 +88,8 @@ class LAMB(FusedOptimizer):
 
     rule = TwoPassRule(cpu="lamb", states=("exp_avg", "exp_avg_sq"), num_sums=2, finalize=lamb_finalize,
                        factor_names=("trust_ratio",), reference=(lamb_prepare, lamb_apply),
-                       triton=None if kernels is None else (kernels.lamb.lamb_prepare, kernels.lamb.lamb_apply))
+                       triton=None if kernels is None else (kernels.lamb.lamb_prepare, kernels.lamb.lamb_apply),
+                       triton_finalize=None if kernels is None else (kernels.lamb.lamb_finalize,))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, scale_clip: tuple[float, float] | None = None, *,

@@ -84,7 +84,8 @@ class LARS(FusedOptimizer):
     rule = TwoPassRule(cpu="lars", optional_states=(("momentum_buffer", "momentum"),), num_sums=2,
                        finalize=lars_finalize, factor_names=("trust_ratio",), prepare_writes_state=False,
                        apply_writes_state=True, reference=(lars_prepare, lars_apply),
-                       triton=None if kernels is None else (kernels.lars.lars_prepare, kernels.lars.lars_apply))
+                       triton=None if kernels is None else (kernels.lars.lars_prepare, kernels.lars.lars_apply),
+                       triton_finalize=None if kernels is None else (kernels.lars.lars_finalize,))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, scale_clip: tuple[float, float] | None = None,

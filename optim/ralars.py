@@ -114,7 +114,8 @@ class RaLars(FusedOptimizer):
 
     rule = TwoPassRule(cpu="ralars", states=("exp_avg", "exp_avg_sq"), num_sums=3, finalize=ralars_finalize,
                        factor_names=("rectification", "trust_ratio"), reference=(ralars_prepare, ralars_apply),
-                       triton=None if kernels is None else (kernels.ralars.ralars_prepare, kernels.ralars.ralars_apply))
+                       triton=None if kernels is None else (kernels.ralars.ralars_prepare, kernels.ralars.ralars_apply),
+                       triton_finalize=None if kernels is None else (kernels.ralars.ralars_finalize,))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, force_adaptive_momentum: bool = False,

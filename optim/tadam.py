@@ -95,7 +95,8 @@ class TAdam(FusedOptimizer):
                        num_sums=1, finalize=tadam_finalize, factor_names=("old_weight", "new_weight"),
                        tensor_states=("W_t",), prepare_writes_state=False, apply_writes_state=True,
                        reference=(tadam_prepare, tadam_apply),
-                       triton=None if kernels is None else (kernels.tadam.tadam_prepare, kernels.tadam.tadam_apply))
+                       triton=None if kernels is None else (kernels.tadam.tadam_prepare, kernels.tadam.tadam_apply),
+                       triton_finalize=None if kernels is None else (kernels.tadam.tadam_finalize,))
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, dof: float | None = None, *,

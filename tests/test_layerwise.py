@@ -192,3 +192,33 @@ def test_adamp_never_projects_1d_params(backend):
     factors = opt.last_factors()[bias]
     assert factors["projection"].item() == 0.0
     assert factors["decay"].item() == pytest.approx(1 - 0.1 * 0.1)  # no wd_ratio: not projected
+
+
+@pytest.mark.parametrize("case", LAYERWISE, ids=lambda c: c.name)
+def test_device_finalize_matches_the_torch_finalize(case):
+    """The Triton finalize in the segment sum's epilogue against the rule's torch finalize (the reference) on the
+    same sums and steps: the factors of every segment (AdamP's rows too, with tensors projecting channel-wise,
+    layer-wise and not at all) and the per-tensor states, also on a step where one tensor has no gradient. Segments
+    of several chunks take the two-level sum (the interpreter's groups are one chunk)."""
+    gen = torch.Generator().manual_seed(11)
+    params = [torch.randn(6, 40, generator=gen), torch.randn(5000, generator=gen), torch.randn(3, 5, generator=gen),
+              torch.randn(9000, generator=gen)]
+    opt = case.make(params, backend="triton")
+    rule = type(opt).rule
+    for step in range(3):
+        grads = [_orthogonal_rows(params[0], gen), torch.randn(5000, generator=gen), torch.randn(3, 5, generator=gen),
+                 None if step == 2 else torch.randn(9000, generator=gen)]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        (bucket,) = opt.bucket_layout()
+        before = tuple(t.clone() for t in bucket.tensor_states.values())
+        opt.step()
+        group = opt.param_groups[0]
+        expected, states = rule.finalize(bucket.sums, bucket.steps, bucket.segments, before, *opt._hyper(group),
+                                         *opt._flags(group))
+        torch.testing.assert_close(bucket.factors, expected.float(), rtol=1e-6, atol=1e-7)
+        active = torch.tensor([g is not None for g in grads])
+        for new, old, updated in zip(bucket.tensor_states.values(), before, states, strict=True):
+            torch.testing.assert_close(new, torch.where(active, updated.float(), old), rtol=1e-6, atol=0)
+    if rule.row_statistics:  # the channel view fired for the orthogonal rows: the rows carry coefficients
+        assert bucket.factors[len(params):len(params) + 6, 0].abs().sum() > 0

@@ -101,6 +101,17 @@ def test_chunks_cover_each_element_once(numels, block, rows):
     vectorised = chunk_table_tensors(numels, active, block, row_lengths)
     for name, values in vectorised.items():
         assert values.tolist() == getattr(table, name), name
+    # the segment sum's programs: every segment (with chunks or not) gets max(1, ceil(chunks / group)) consecutive
+    # groups, which split its chunks in order
+    from fusedoptim.kernels._launch import sum_groups
+
+    for group in (1, 3, 1024):
+        groups = sum_groups(vectorised["segment_begin"], vectorised["segment_end"], group)
+        segment_of = groups["group_segment"].tolist()
+        for s, (begin, end) in enumerate(zip(table.segment_begin, table.segment_end, strict=True)):
+            mine = [g for g, owner in enumerate(segment_of) if owner == s]
+            assert mine == list(range(groups["segment_group"][s], groups["segment_group"][s] + len(mine)))
+            assert len(mine) == max(1, -(-(end - begin) // group))
 
 
 def test_bytes_model_matches_design_minimums():
