@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
     parser.add_argument("--profiles", nargs="*", default=list(_profiles()))
     parser.add_argument("--table-1b", action="store_true", help="also time the chunk table of 1 B params")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file (benchmarks.gpu_kit)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.real else "cuda" if torch.cuda.is_available() else "cpu")
     if args.real and not torch.cuda.is_available():
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.steps}")
     print(f"{'profile':<14}{'optimizer':<11}{'kept':>9}{'moved':>9}{'moved/kept':>12}{'torch 1-elem':>14}"
           f"{'moved/torch':>13}")
+    figures: dict = {"device": str(device), "real_launches": args.real, "steps": args.steps, "rows": []}
     with stub:
         for profile, shapes in _profiles().items():
             if profile not in args.profiles:
@@ -144,9 +148,14 @@ def main(argv: list[str] | None = None) -> int:
                 kept, moved = host_us(name, shapes, device, args.steps)
                 print(f"{profile:<14}{name:<11}{kept:>9.0f}{moved:>9.0f}{moved / kept:>12.2f}{anchor:>14.0f}"
                       f"{moved / anchor:>13.2f}", flush=True)
+                figures["rows"].append({"profile": profile, "optimizer": name, "kept_us": kept, "moved_us": moved,
+                                        "torch_1elem_us": anchor})
     if args.table_1b:
         seconds, megabytes = table_1b()
         print(f"chunk table of 1 B fp32 params (512 per program): {seconds:.2f} s, {megabytes:.0f} MB")
+        figures["table_1b"] = {"seconds": seconds, "megabytes": megabytes}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
     return 0
 
 

@@ -1,4 +1,8 @@
-"""Shared test machinery: parameter profiles, a seeded gradient stream, and the per-dtype tolerances."""
+"""Shared test machinery: parameter profiles, a seeded gradient stream, and the per-dtype tolerances.
+
+The profiles are built on the tests' one device (tests/devices.py: ``FUSEDOPTIM_TEST_DEVICE``): values are drawn on
+the CPU and then moved, so every device gets the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from devices import DEVICE
 
 from fusedoptim import FusedOptimizer
 
@@ -20,11 +25,11 @@ class Profile:
     grads: Callable[[int, list[list[torch.Tensor]]], list[list[torch.Tensor | None]]]
 
 
-def _views(shapes, dtype, gen, offset):
+def _views(shapes, dtype, gen, offset, device):
     """Contiguous tensors of ``shapes`` carved from one buffer at an element ``offset``: offset 1 makes every
     address misaligned for 16-byte vector access."""
     numels = [torch.Size(s).numel() for s in shapes]
-    buf = torch.randn(sum(numels) + offset, generator=gen).to(dtype)
+    buf = torch.randn(sum(numels) + offset, generator=gen).to(dtype).to(device)
     out, pos = [], offset
     for shape, n in zip(shapes, numels, strict=True):
         out.append(buf[pos:pos + n].view(shape))
@@ -32,7 +37,7 @@ def _views(shapes, dtype, gen, offset):
     return out
 
 
-def make_profile(name: str, dtype: torch.dtype, seed: int = 0) -> Profile:
+def make_profile(name: str, dtype: torch.dtype, seed: int = 0, device: torch.device = DEVICE) -> Profile:
     gen = torch.Generator().manual_seed(seed)
     misaligned = name == "misaligned"
     if name == "ragged" or misaligned:
@@ -43,7 +48,7 @@ def make_profile(name: str, dtype: torch.dtype, seed: int = 0) -> Profile:
         shapes = [[(7,), (1025,), (5, 3)], [(1,), (4097,)]]
     else:
         raise ValueError(name)
-    groups = [_views(s, dtype, gen, 1 if misaligned else 0) for s in shapes]
+    groups = [_views(s, dtype, gen, 1 if misaligned else 0, device) for s in shapes]
 
     def grads(step: int, params: list[list[torch.Tensor]]) -> list[list[torch.Tensor | None]]:
         g = torch.Generator().manual_seed(seed * 1000 + step)
@@ -51,12 +56,12 @@ def make_profile(name: str, dtype: torch.dtype, seed: int = 0) -> Profile:
         for gi, group in enumerate(params):
             if misaligned:
                 # misaligned views, and one non-contiguous (transposed) gradient
-                row = _views([p.shape for p in group], dtype, g, 3)
+                row = _views([p.shape for p in group], dtype, g, 3, device)
                 last = group[-1]
-                row[-1] = torch.randn(last.shape[::-1], generator=g).to(dtype).t()
+                row[-1] = torch.randn(last.shape[::-1], generator=g).to(dtype).to(device).t()
                 assert not row[-1].is_contiguous()
             else:
-                row = [torch.randn(p.shape, generator=g).to(dtype) for p in group]
+                row = [torch.randn(p.shape, generator=g).to(dtype).to(device) for p in group]
             if gi == 0 and step in (2, 4):
                 row[1] = None  # a param without a gradient on some steps: skipped, its step does not advance
             out.append(row)
@@ -70,7 +75,7 @@ def clone_groups(groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
     out = []
     for group in groups:
         base = group[0].untyped_storage()
-        copy = torch.empty(0, dtype=group[0].dtype).set_(base.clone())
+        copy = torch.empty(0, dtype=group[0].dtype, device=group[0].device).set_(base.clone())
         out.append([torch.as_strided(copy, p.shape, p.stride(), p.storage_offset()) for p in group])
     return out
 

@@ -6,13 +6,16 @@ The benchmark itself is not a test; these check that what it reports is computed
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 
 import pytest
 import torch
 
 import fusedoptim
 from benchmarks import __main__ as cli
+from benchmarks import gpu_kit
 from benchmarks.harness import FIELDS, Environment, Result, Settings, Timing, quantiles, time_steps
 from benchmarks.profiles import PROFILES, numel
 from benchmarks.registry import ALGORITHMS, BY_NAME, backend_unavailable, bytes_per_step, implementations
@@ -168,3 +171,68 @@ def test_time_steps_on_cuda_uses_events_and_keeps_host_time(monkeypatch):
     assert timing.step_ms == [7.0] * 4
     assert timing.host_ms is not None and len(timing.host_ms) == 4
     assert len(syncs) == 4  # before and after the first step, after warm-up, after the timed steps
+
+
+def test_gpu_kit_dry_run_prints_the_four_parts_and_refuses_without_cuda(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "kit"
+    assert gpu_kit.main(["--dry-run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()  # a dry run writes nothing
+    lines = [line for line in printed.splitlines() if line.startswith("[")]
+    assert [line.split(",")[0] for line in lines] == ["[parity", "[wrappers", "[benchmark", "[host"]
+    parity, wrappers, bench, host = lines
+    for test_part in (parity, wrappers):  # compiled on CUDA, not interpreted; junit into the folder
+        assert "env -u TRITON_INTERPRET FUSEDOPTIM_TEST_DEVICE=cuda" in test_part and " -x -q " in test_part
+        assert f"--junitxml={out}/" in test_part
+    assert "tests/test_parity.py -k 'float32 or bfloat16'" in parity
+    assert "--device cuda --profiles resnet50,gpt2 --dtypes fp32,bf16" in bench and f"--out {out} " in bench
+    assert "benchmarks.host --real" in host
+    assert sum(gpu_kit.TIME_LIMITS.values()) + 4 * gpu_kit.KILL_GRACE_S < 8 * 60  # the whole kit under 8 minutes
+    # Run for real without CUDA (or without --quick on CPU), it refuses in one line and writes nothing.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["--out", str(out)], ["--device", "cpu", "--out", str(out)]):
+        assert gpu_kit.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gpu_kit: ") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_gpu_kit_runs_every_part_whatever_the_others_do(tmp_path, monkeypatch):
+    """A part that fails, and one past its time limit (stopped, with what it printed kept), do not stop the
+    others; the summary says which, and the kit exits 1."""
+    code = {"fails": "import sys; print('failing'); sys.exit(3)", "slow": "import time; print('started'); "
+            "time.sleep(60)", "passes": "print('fine')"}
+    parts = [gpu_kit.Part(name, name, ["-c", code[name]], 1 if name == "slow" else 30) for name in code]
+    monkeypatch.setattr(gpu_kit, "plan", lambda out, device, quick: parts)
+    assert gpu_kit.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(p["name"], p["rc"], p["timed_out"]) for p in summary["parts"]] == [
+        ("fails", 3, False), ("slow", 124, True), ("passes", 0, False)]
+    assert not summary["ok"] and summary["parts"][1]["wall_s"] < 1 + gpu_kit.KILL_GRACE_S + 5
+    assert "started" in (tmp_path / "slow.stdout.txt").read_text()
+    assert "time limit of 1 s" in (tmp_path / "slow.stderr.txt").read_text()
+    assert "fine" in (tmp_path / "passes.stdout.txt").read_text()
+    assert "**a part failed**" in (tmp_path / "summary.md").read_text()
+
+
+def test_gpu_kit_cpu_smoke_writes_one_folder_with_its_summary(tmp_path, monkeypatch):
+    """``--device cpu --quick``: every part, tiny, end to end (20-30 s on 2 busy cores: four Python start-ups)."""
+    for name in [k for k in os.environ if k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))]:
+        monkeypatch.delenv(name)  # the parts are runs of their own, not workers of this one
+    out = tmp_path / "kit"
+    assert gpu_kit.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] and summary["quick"] and summary["gpu"].startswith("cpu (")
+    assert summary["torch"] == torch.__version__ and summary["commit"] and summary["date"].endswith("UTC")
+    parts = {p["name"]: p for p in summary["parts"]}
+    assert list(parts) == ["parity", "wrappers", "benchmark", "host"]
+    assert all(p["rc"] == 0 and (out / p["stdout"]).exists() and (out / p["stderr"]).exists() for p in parts.values())
+    assert parts["parity"]["tests"] == {"total": 2, "passed": 2, "failed": 0, "errors": 0, "skipped": 0}
+    assert parts["wrappers"]["tests"]["passed"] == 1
+    runs = {(r["optimizer"], r["impl"]): r for r in parts["benchmark"]["figures"]["runs"]}
+    assert runs["adabelief", "fusedoptim-reference"]["speedup"] > 0 and ("adamw", "torch-fused") in runs
+    assert (out / "cpu.csv").exists() and parts["benchmark"]["figures"]["copy_gbps"] > 0
+    assert [r["optimizer"] for r in parts["host"]["figures"]["rows"]] == ["AdaBelief", "LAMB"]
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# GPU proof kit: cpu (") and "quick mode" in md
+    assert "| adabelief | fusedoptim-reference | resnet50_l1 | fp32 |" in md

@@ -1,6 +1,9 @@
 """The fused backends against the reference path, for every registry case: the Triton kernels (interpreter on
 CPU, compiled on GPU) and the C++ CPU kernels (csrc/).
 
+Both sides run on the tests' one device (tests/devices.py, ``FUSEDOPTIM_TEST_DEVICE``): on cuda the compiled Triton
+kernels meet the reference on CUDA tensors and the C++ runs are skipped, with the reason.
+
 fp32: no re-synchronisation, so the bound (rtol 1e-5; atol 1e-6 for params, 1e-6 of the largest magnitude for
 states and factors: tests/helpers.py's state_atol) also covers drift over the run.
 bf16/fp16: params must stay within 1 ULP per step (the interpreter truncates fp32->bf16 where the reference
@@ -13,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import CASES, DTYPES, FIRST_CASES
+from devices import CPU_ONLY, DEVICE
 from helpers import (
     PROFILES,
     assert_param_close,
@@ -38,10 +42,14 @@ RUNS += [("triton", case, "many_small", 3) for case in _SCALE_CASES]
 # The C++ kernels take milliseconds, not seconds: every case on every profile.
 RUNS += [("cpu", case, profile, STEPS) for case in CASES for profile in PROFILES if case.cls.rule.cpu]
 
+# The C++ kernels take CPU tensors only: on another test device their runs are collected as skipped.
+_NOT_HERE = [pytest.mark.skipif(DEVICE.type != "cpu", reason=CPU_ONLY)]
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("backend", "case", "profile", "steps"), RUNS,
-                         ids=[f"{b}-{c.name}-{p}" for b, c, p, _ in RUNS])
+@pytest.mark.parametrize(("backend", "case", "profile", "steps"),
+                         [pytest.param(*run, id=f"{run[0]}-{run[1].name}-{run[2]}",
+                                       marks=_NOT_HERE if run[0] == "cpu" else ()) for run in RUNS])
 def test_fused_matches_reference(backend, case, profile, steps, dtype, monkeypatch):
     # C++ two-pass steps run by cache groups: small ones here, so the profiles take several (ragged: 5)
     monkeypatch.setattr(_cpu, "CACHE_GROUP_ELEMENTS", 2048)

@@ -1,4 +1,8 @@
-"""Lookahead and Scout: the paper's algorithm, shared param groups, checkpoints, and Scout's NaN-free rate."""
+"""Lookahead and Scout: the paper's algorithm, shared param groups, checkpoints, and Scout's NaN-free rate.
+
+The tensors live on the tests' one device (tests/devices.py, ``FUSEDOPTIM_TEST_DEVICE``), drawn on the CPU and
+moved: on cuda the Triton syncs and bases run compiled, and torch's SGD on CUDA tensors.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import pickle
 
 import pytest
 import torch
+from devices import DEVICE
 from helpers import assert_param_close, assert_tensor_state_close
 
 from fusedoptim import LAMB, AdaBelief, AdEMAMix, Lookahead, Scout
@@ -21,12 +26,13 @@ BASES = {
 
 def _params(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(7, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(4, generator=gen).bfloat16()]
+    params = [torch.randn(7, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(4, generator=gen).bfloat16()]
+    return [p.to(DEVICE) for p in params]
 
 
 def _grads(step, params):
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    return [torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE) for p in params]
 
 
 def _step(opt, params, step):
@@ -70,12 +76,12 @@ def test_sync_rate_one_is_the_base_and_virtex_keywords():
         _step(ref, ref_params, step)
     assert all(torch.equal(p, q) for p, q in zip(params, ref_params, strict=True))
     # virtex: Lookahead(optimizer, k=5, alpha=0.8): p ← α·p + (1 − α)·slow every 5 steps
-    p = torch.randn(10)
+    p = torch.randn(10).to(DEVICE)
     slow = p.clone()
     v = Lookahead(torch.optim.SGD([p], lr=0.1), k=5, alpha=0.8)
     assert (v.sync_period, v.sync_rate) == (5, 0.8)
     for step in range(5):
-        p.grad = torch.full((10,), float(step))
+        p.grad = torch.full((10,), float(step), device=DEVICE)
         v.step()
     fast = slow - 0.1 * (0 + 1 + 2 + 3 + 4)
     torch.testing.assert_close(p, 0.8 * fast + 0.2 * slow)
@@ -164,12 +170,12 @@ def test_scout_frozen_entry_and_validation():
         Scout(torch.optim.SGD([torch.randn(3)], lr=0.1), sync_period=1)
     with pytest.raises(ValueError, match="sync_rate"):
         Lookahead(torch.optim.SGD([torch.randn(3)], lr=0.1), sync_rate=1.5)
-    p, frozen = torch.randn(6), torch.randn(4)
+    p, frozen = torch.randn(6).to(DEVICE), torch.randn(4).to(DEVICE)
     opt = Scout(torch.optim.SGD([p, frozen], lr=0.1), sync_period=3)
     for _ in range(1, 7):
-        p.grad = torch.randn(6)
+        p.grad = torch.randn(6).to(DEVICE)
         p.grad[0] = 0.0  # one entry that never moves
-        frozen.grad = torch.zeros(4)  # a whole tensor that never moves
+        frozen.grad = torch.zeros(4, device=DEVICE)  # a whole tensor that never moves
         opt.step()
         assert torch.isfinite(p).all() and torch.isfinite(frozen).all()
     assert torch.isfinite(opt.last_rate())
@@ -181,18 +187,18 @@ def test_scout_frozen_entry_and_validation():
 def test_scout_rate_is_holocrons_statistic():
     """Without constant entries the rate equals holocron's formula: max(1 − mean_j mean(std/maxdev), sync_rate)."""
     torch.manual_seed(0)
-    params = [torch.randn(5), torch.randn(2, 3)]
+    params = [torch.randn(5).to(DEVICE), torch.randn(2, 3).to(DEVICE)]
     k = 4
     opt = Scout(torch.optim.SGD(params, lr=1.0), sync_rate=0.0, sync_period=k)
     history = [[p.clone()] for p in params]
     for _ in range(k - 1):
         for p in params:
-            p.grad = torch.randn(p.shape) * torch.rand(p.shape)
+            p.grad = (torch.randn(p.shape) * torch.rand(p.shape)).to(DEVICE)
         opt.step()
         for h, p in zip(history, params, strict=True):
             h.append(p.clone())
     for p in params:
-        p.grad = torch.randn(p.shape)
+        p.grad = torch.randn(p.shape).to(DEVICE)
     opt.base_optimizer.step()  # the k-th step, before the wrapper's statistic
     for h, p in zip(history, params, strict=True):
         h.append(p.clone())
