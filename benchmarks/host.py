@@ -19,7 +19,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,21 +59,19 @@ def stubbed_launches() -> Iterator[None]:
         kernels.launch_step, kernels.launch_segment_sum, kernels.block_size, kernels._launch.SUM_GROUP = saved
 
 
-def _time(step, steps: int, device: torch.device) -> float:
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+def _time_once(step, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e6
 
 
-def host_us(name: str, shapes: list[tuple[int, ...]], device: torch.device, steps: int) -> tuple[float, float]:
-    """(kept, moved) µs per step of optimizer ``name`` on params of ``shapes``."""
+def _steps(name: str, shapes: list[tuple[int, ...]], device: torch.device) -> tuple[Callable, Callable]:
+    """(kept, moved): one step of optimizer ``name`` on params of ``shapes`` with the same grads every step, and
+    with two sets of grads in turns."""
     import fusedoptim
 
     params = [torch.zeros(s, device=device) for s in shapes]
@@ -93,17 +91,31 @@ def host_us(name: str, shapes: list[tuple[int, ...]], device: torch.device, step
         opt.step()
 
     kept(), moved(), kept()  # lay out, and build the tables of both sets once
-    return _time(kept, steps, device), _time(moved, steps, device)
+    return kept, moved
 
 
-def torch_adamw_us(num_tensors: int, device: torch.device, steps: int) -> float:
+def _torch_adamw_step(num_tensors: int, device: torch.device) -> Callable:
     """torch's fused AdamW step on ``num_tensors`` 1-element tensors."""
     params = [torch.zeros(1, device=device) for _ in range(num_tensors)]
     for p in params:
         p.grad = torch.ones(1, device=device)
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     opt.step()
-    return _time(opt.step, steps, device)
+    return opt.step
+
+
+def measure(name: str, shapes: list[tuple[int, ...]], device: torch.device, steps: int) -> dict[str, float]:
+    """Medians over ``steps`` rounds of a kept step, a moved step and torch's fused AdamW step (µs), and the medians
+    of the per-round ratios. The three are interleaved within each round, so that the machine's noise (±30% here)
+    hits them alike: a ratio of medians timed minutes apart moved by 2× between runs."""
+    kept, moved = _steps(name, shapes, device)
+    anchor = _torch_adamw_step(len(shapes), device)
+    rounds = [(_time_once(kept, device), _time_once(moved, device), _time_once(anchor, device))
+              for _ in range(steps)]
+    k, m, a = (statistics.median(column) for column in zip(*rounds, strict=True))
+    return {"kept_us": k, "moved_us": m, "torch_1elem_us": a,
+            "moved_over_kept": statistics.median(r[1] / r[0] for r in rounds),
+            "moved_over_torch": statistics.median(r[1] / r[2] for r in rounds)}
 
 
 def table_1b() -> tuple[float, float]:
@@ -114,10 +126,11 @@ def table_1b() -> tuple[float, float]:
     numels = [50257 * 1600] + [1600 * 1600 * 4, 1600 * 6400 * 2, 1600] * 48
     numels = numels[: next(i for i in range(len(numels)) if sum(numels[:i]) >= 1_000_000_000)]
     offsets, _ = padded_offsets(numels)
-    start = time.perf_counter()
-    table = chunk_table_tensors(numels, tuple(range(len(numels))), kernels._launch.BLOCK_COMPILED[torch.float32])
-    packed, _ = kernels.pack_chunk_table(offsets, table, torch.device("cpu"))
-    seconds = time.perf_counter() - start
+    with stubbed_launches():  # the compiled block and group sizes
+        start = time.perf_counter()
+        table = chunk_table_tensors(numels, tuple(range(len(numels))), kernels.block_size(torch.float32))
+        packed, _ = kernels.pack_chunk_table(offsets, table, torch.device("cpu"))
+        seconds = time.perf_counter() - start
     return seconds, packed.numel() * packed.element_size() / 1e6
 
 
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--real needs a CUDA device")
     stub = contextlib.nullcontext() if args.real else stubbed_launches()
     print(f"host µs per Triton step on {device} ({'real launches' if args.real else 'launches stubbed'}), "
-          f"median of {args.steps}")
+          f"medians of {args.steps} rounds (kept, moved, torch interleaved); ratios: medians of the rounds' ratios")
     print(f"{'profile':<14}{'optimizer':<11}{'kept':>9}{'moved':>9}{'moved/kept':>12}{'torch 1-elem':>14}"
           f"{'moved/torch':>13}")
     figures: dict = {"device": str(device), "real_launches": args.real, "steps": args.steps, "rows": []}
@@ -143,13 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         for profile, shapes in _profiles().items():
             if profile not in args.profiles:
                 continue
-            anchor = torch_adamw_us(len(shapes), device, args.steps)
             for name in args.optimizers:
-                kept, moved = host_us(name, shapes, device, args.steps)
-                print(f"{profile:<14}{name:<11}{kept:>9.0f}{moved:>9.0f}{moved / kept:>12.2f}{anchor:>14.0f}"
-                      f"{moved / anchor:>13.2f}", flush=True)
-                figures["rows"].append({"profile": profile, "optimizer": name, "kept_us": kept, "moved_us": moved,
-                                        "torch_1elem_us": anchor})
+                row = measure(name, shapes, device, args.steps)
+                print(f"{profile:<14}{name:<11}{row['kept_us']:>9.0f}{row['moved_us']:>9.0f}"
+                      f"{row['moved_over_kept']:>12.2f}{row['torch_1elem_us']:>14.0f}{row['moved_over_torch']:>13.2f}",
+                      flush=True)
+                figures["rows"].append({"profile": profile, "optimizer": name, **row})
     if args.table_1b:
         seconds, megabytes = table_1b()
         print(f"chunk table of 1 B fp32 params (512 per program): {seconds:.2f} s, {megabytes:.0f} MB")
