@@ -109,6 +109,7 @@ class Variant:
     bytes_model: float | None = None  # the optimizer's bytes model for this pass's whole step (checks)
     state_types: tuple[str, ...] | None = None  # Triton's name of each state's dtype (None: all fp32)
     advance_steps: int = 0  # the step's first pass sees step + 1 (2: and stores it)
+    amp: bool = False  # GradScaler's unscale and skip (options "gradscaler")
 
     @property
     def label(self) -> str:
@@ -228,15 +229,20 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                     out.append(Variant(spec.name, label, name, _rule_name(p.rule), tuple(flags), num_states, num_hyper,
                                        p.num_sums, p.num_factors, p.store_param, p.store_state, dtype,
                                        sync, maximize, arch, model, state_types(dtype), p.advance_steps))
+                if default and dtype != "fp16":  # under GradScaler: the same bytes, no spill, 128-bit full blocks
+                    out.append(Variant(spec.name, "gradscaler", name, _rule_name(p.rule), tuple(flags), num_states,
+                                       num_hyper, p.num_sums, p.num_factors, p.store_param, p.store_state, dtype,
+                                       False, maximize, arch, model, state_types(dtype), p.advance_steps, amp=True))
             for p in passes:
                 if not p.num_sums:
                     continue
                 finalize = getattr(fusedoptim, spec.cls).rule.triton_finalize
                 # the segment sum with the rule's finalize: its flags change the finalize's code
-                for arch in archs if default else targets:
-                    out.append(Variant(spec.name, label, "segment_sum", _rule_name(finalize[0]), tuple(flags), 0,
-                                       num_hyper, p.num_sums, passes[-1].num_factors, False,
-                                       False, "fp32", False, maximize, arch))
+                amps = (False, True) if default else (False,)
+                for arch, amp in itertools.product(archs if default else targets, amps):
+                    out.append(Variant(spec.name, "gradscaler" if amp else label, "segment_sum",
+                                       _rule_name(finalize[0]), tuple(flags), 0, num_hyper, p.num_sums,
+                                       passes[-1].num_factors, False, False, "fp32", False, maximize, arch, amp=amp))
                 if p.num_sums not in num_sums_seen:  # without a finalize (sharded params): one per sum count
                     num_sums_seen.add(p.num_sums)
                     for arch in archs:
@@ -288,14 +294,15 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
         finalize = rule.triton_finalize if v.rule[0] else ()
         kernel = segment_sum_kernel
         signature = kernels.segment_sum_signature(len(rule.tensor_states) if finalize else 0, v.num_hyper)
-        options = kernels.segment_sum_options(v.num_sums, finalize, v.flags, v.num_factors)
+        options = kernels.segment_sum_options(v.num_sums, finalize, v.flags, v.num_factors, amp=v.amp)
     else:
         kernel, signature = multi_tensor_step_kernel, kernels.step_signature(v.num_states, v.num_hyper, v.state_types)
         rule = getattr(importlib.import_module(v.rule[0]), v.rule[1])
         dtype = _torch_dtype(v.dtype)
         options = kernels.step_options(rule, v.flags, dtype, v.maximize, num_sums=v.num_sums,
                                        num_factors=v.num_factors, store_param=v.store_param,
-                                       store_state=v.store_state, sync=v.sync, advance_steps=v.advance_steps)
+                                       store_state=v.store_state, sync=v.sync, advance_steps=v.advance_steps,
+                                       amp=v.amp)
     compiler = {name: options.pop(name) for name in list(options) if name not in kernel.arg_names}
     for name in options:
         signature[name] = "constexpr"
@@ -407,7 +414,9 @@ def analyze(v: Variant, compiled: Any, result: Result, ptxas_log: str, sass: boo
     one_thread = set(_SETP_ZERO.findall("\n".join(line.split("//")[0].strip() for line in ptx.splitlines())))
     block = result.block
     paths = []
-    for ops in blocks[1:]:  # the entry block loads the per-chunk tables: per program
+    # the entry block loads the per-chunk tables: per program (under GradScaler the entry is two blocks, split by
+    # the skipped step's early return)
+    for ops in blocks[2 if v.amp else 1:]:
         per_element = [(kind, bits) for kind, bits, predicate in ops if predicate not in one_thread
                        or predicate is None]
         result.per_program_stores += sum(1 for kind, _, predicate in ops if predicate in one_thread and kind == "st")

@@ -1,9 +1,12 @@
 // Python bindings of the fused CPU kernels (optim/_cpu.py calls them). Built just in time by
 // torch.utils.cpp_extension.load. Every function takes the same bucket arguments:
-//   <elementwise rule>_step(params, grads, states, offsets, steps, index, hyper, flags, maximize, slow, sync_rate)
+//   <elementwise rule>_step(params, grads, states, offsets, steps, index, hyper, flags, maximize, slow, sync_rate,
+//                           inv_grad_scale)
 //   <two-pass rule>_step(..., maximize, row_lengths, first_row, sums, factors, tensor_states, cache_group, slow,
-//                        sync_rate, phase)  both passes with the rule's finalize between them; fills sums and
-//                        factors (phase 1: pass A only, fills sums; phase 2: pass B only, reads factors)
+//                        sync_rate, phase, inv_grad_scale)  both passes with the rule's finalize between them;
+//                        fills sums and factors (phase 1: pass A only, fills sums; phase 2: pass B only, reads
+//                        factors)
+// inv_grad_scale: torch.amp.GradScaler's inverse scale, by which the grads are multiplied as they are read
 // slow / sync_rate (None: no sync) fuse Lookahead's sync into the last pass; keep_step with the params as grads
 // is the sync on its own. Only pybind11 and the Tensor caster, not <torch/extension.h>: that pulls in all of
 // libtorch's C++ frontend.
@@ -22,10 +25,12 @@ using Ints = std::vector<int64_t>;
 
 template <void (*Rule)(const BucketArgs&)>
 void step_entry(Tensors params, Tensors grads, Tensors states, Ints offsets, at::Tensor steps, Ints index,
-                std::vector<double> hyper, std::vector<bool> flags, bool maximize, Optional slow, Optional sync_rate) {
+                std::vector<double> hyper, std::vector<bool> flags, bool maximize, Optional slow, Optional sync_rate,
+                double inv_grad_scale) {
   BucketArgs a{std::move(params), std::move(grads), std::move(states), std::move(offsets), std::move(steps),
                std::move(index), std::move(hyper), std::move(flags), maximize};
   a.slow = slow.value_or(at::Tensor()), a.sync_rate = sync_rate.value_or(at::Tensor());
+  a.inv_grad_scale = static_cast<float>(inv_grad_scale);
   Rule(a);
 }
 
@@ -33,12 +38,12 @@ template <void (*Rule)(const BucketArgs&)>
 void two_pass_entry(Tensors params, Tensors grads, Tensors states, Ints offsets, at::Tensor steps, Ints index,
                     std::vector<double> hyper, std::vector<bool> flags, bool maximize, Ints row_lengths,
                     Ints first_row, at::Tensor sums, at::Tensor factors, Tensors tensor_states, int64_t cache_group,
-                    Optional slow, Optional sync_rate, int64_t phase) {
+                    Optional slow, Optional sync_rate, int64_t phase, double inv_grad_scale) {
   BucketArgs a{std::move(params), std::move(grads), std::move(states), std::move(offsets), std::move(steps),
                std::move(index), std::move(hyper), std::move(flags), maximize};
   a.row_lengths = std::move(row_lengths), a.first_row = std::move(first_row);
   a.sums = std::move(sums), a.factors = std::move(factors), a.tensor_states = std::move(tensor_states);
-  a.cache_group = cache_group, a.phase = phase;
+  a.cache_group = cache_group, a.phase = phase, a.inv_grad_scale = static_cast<float>(inv_grad_scale);
   a.slow = slow.value_or(at::Tensor()), a.sync_rate = sync_rate.value_or(at::Tensor());
   Rule(a);
 }
@@ -52,7 +57,7 @@ void def_step(py::module_& m, const std::string& name) {
   m.def((name + "_step").c_str(), &step_entry<Rule>, "one bucket's step; slow, sync_rate: Lookahead's sync fused in",
         py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("offsets"), py::arg("steps"),
         py::arg("index"), py::arg("hyper"), py::arg("flags"), py::arg("maximize"), py::arg("slow") = py::none(),
-        py::arg("sync_rate") = py::none(), py::call_guard<py::gil_scoped_release>());
+        py::arg("sync_rate") = py::none(), py::arg("inv_grad_scale") = 1.0, py::call_guard<py::gil_scoped_release>());
 }
 
 template <void (*Rule)(const BucketArgs&)>
@@ -64,7 +69,7 @@ void def_two_pass(py::module_& m, const std::string& name) {
         py::arg("index"), py::arg("hyper"), py::arg("flags"), py::arg("maximize"), py::arg("row_lengths"),
         py::arg("first_row"), py::arg("sums"), py::arg("factors"), py::arg("tensor_states"),
         py::arg("cache_group"), py::arg("slow") = py::none(), py::arg("sync_rate") = py::none(),
-        py::arg("phase") = 0, py::call_guard<py::gil_scoped_release>());
+        py::arg("phase") = 0, py::arg("inv_grad_scale") = 1.0, py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace fusedoptim

@@ -31,6 +31,7 @@ struct BucketArgs {
   std::vector<double> hyper;       // the rule's runtime scalars, in its argument order
   std::vector<bool> flags;         // the rule's structural options (template arguments)
   bool maximize;
+  float inv_grad_scale = 1.0f;  // GradScaler's inverse scale: grads are multiplied by it as they are read
   // Rules with per-tensor statistics (two passes; empty / undefined for the elementwise rules):
   std::vector<int64_t> row_lengths;  // per tensor: 0, or the length of the rows that have sums of their own (AdamP)
   std::vector<int64_t> first_row;    // per tensor with rows: the row of the tables that holds its first row
@@ -407,7 +408,8 @@ void apply_tensors(const BucketArgs& a, const Prepared<Rule>& t, size_t k0, size
   constexpr int F = two_pass<Rule>::num_factors;
   float* slow = sync ? a.slow.data_ptr<float>() : nullptr;
   const float sync_rate = sync ? a.sync_rate.data_ptr<float>()[0] : 0.0f;
-  const float grad_sign = a.maximize ? -1.0f : 1.0f;  // exact: maximize negates the gradient
+  // exact: maximize negates the gradient; GradScaler's unscale is the same product as its own (fp32 by fp32)
+  const float grad_sign = (a.maximize ? -1.0f : 1.0f) * a.inv_grad_scale;
   at::parallel_for(start[k0], start[k1], kGrain, [&](int64_t begin, int64_t end) {
     size_t k = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (; begin < end; ++k) {
@@ -482,7 +484,7 @@ void prepare_chunks(const BucketArgs& a, const Prepared<Rule>& t, const std::vec
                     size_t c1, double* partials, double* sums) {
   constexpr int K = Rule::num_sums;
   if (c0 == c1) return;
-  const float grad_sign = a.maximize ? -1.0f : 1.0f;
+  const float grad_sign = (a.maximize ? -1.0f : 1.0f) * a.inv_grad_scale;
   at::parallel_for(chunks[c0].begin, t.start[chunks[c1 - 1].k + 1], kGrain, [&](int64_t begin, int64_t end) {
     size_t c = std::lower_bound(chunks.begin() + c0, chunks.begin() + c1, begin,
                                 [](const Chunk& chunk, int64_t at) { return chunk.begin < at; }) -

@@ -76,6 +76,7 @@ def launch_step(
     slow: torch.Tensor | None = None,
     sync_rate: torch.Tensor | None = None,
     advance_steps: int = 0,
+    amp: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """One launch of the multi-tensor template over a bucket.
 
@@ -84,17 +85,19 @@ def launch_step(
     with ``slow`` and ``sync_rate`` (fp32[1] on the device) it also performs Lookahead's sync. With
     ``advance_steps`` (a step's first pass) the rule sees the steps of the tensors it covers plus 1, and with 2
     the kernel stores them (with 1 the segment sum does); ``step_counters`` (int32[T] zeros, the bucket's) is
-    where it counts their finished programs.
+    where it counts their finished programs. With ``amp``, (GradScaler's scale, found_inf), both fp32[1] on the
+    device: the grads are unscaled as they are read, and a nonzero found_inf skips the launch's work.
     """
     check_devices(steps.device, tables=tables[:2], step_counters=step_counters, states=states, partials=partials,
-                  factors=factors, slow=slow, sync_rate=sync_rate)
+                  factors=factors, slow=slow, sync_rate=sync_rate, amp=amp)
     (param_ptrs, grad_ptrs, state_offsets, segment_begin, segment_end, chunk_tensor, chunk_start, chunk_end,
      chunk_segment) = split_tables(tables)[:9]
     options = step_options(rule, flags, param_dtype, maximize,
                            num_sums=0 if partials is None else partials.shape[1],
                            num_factors=0 if factors is None else factors.shape[1],
                            store_param=store_param, store_state=store_state, sync=slow is not None,
-                           advance_steps=advance_steps)
+                           advance_steps=advance_steps, amp=amp is not None)
+    grad_scale, found_inf = (steps, steps) if amp is None else amp
     # Triton launches on the *current* CUDA device, which need not be the bucket's.
     guard = torch.cuda.device(steps.device) if steps.device.type == "cuda" else contextlib.nullcontext()
     with guard:
@@ -102,7 +105,8 @@ def launch_step(
             param_ptrs, grad_ptrs, state_offsets, steps, chunk_tensor, chunk_start, chunk_end, chunk_segment,
             tuple(states), tuple(hyper), steps if partials is None else partials,
             steps if factors is None else factors, steps if slow is None else slow,
-            steps if sync_rate is None else sync_rate, segment_begin, segment_end, step_counters, **options)
+            steps if sync_rate is None else sync_rate, segment_begin, segment_end, step_counters, grad_scale,
+            found_inf, **options)
     LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
 
 
@@ -117,14 +121,14 @@ def check_devices(device: torch.device, **tensors: torch.Tensor | Sequence[torch
 
 def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtype, maximize: bool, *,
                  num_sums: int = 0, num_factors: int = 0, store_param: bool = True, store_state: bool = True,
-                 sync: bool = False, advance_steps: int = 0) -> dict:
+                 sync: bool = False, advance_steps: int = 0, amp: bool = False) -> dict:
     """The compile-time arguments of one ``multi_tensor_step_kernel`` launch (its constexprs and compiler options):
     together with ``step_signature`` they name the specialisation that runs. The compiled-code checks
     (``benchmarks/compiled.py``) build what they compile from these two functions, so they check what is launched.
     """
     return dict(RULE=rule, FLAGS=tuple(flags), PARAM_DTYPE=_TL_DTYPES[param_dtype], MAXIMIZE=maximize,
                 BLOCK=block_size(param_dtype), NUM_SUMS=num_sums, NUM_FACTORS=num_factors,
-                STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=sync, ADVANCE_STEPS=advance_steps,
+                STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=sync, ADVANCE_STEPS=advance_steps, AMP=amp,
                 **STEP_COMPILE_OPTIONS)
 
 
@@ -139,7 +143,7 @@ def step_signature(num_states: int, num_hyper: int,
         "param_ptrs", "grad_ptrs", "state_offsets", "chunk_tensor", "chunk_start", "chunk_end", "chunk_segment",
         "segment_begin", "segment_end")}
     signature.update(steps="*fp32", step_counters="*i32", partials="*fp32", factors="*fp32", slow="*fp32",
-                     sync_rate_ptr="*fp32",
+                     sync_rate_ptr="*fp32", grad_scale="*fp32", found_inf="*fp32",
                      state_ptrs=tuple(f"*{t}" for t in state_types), hyper=("fp32",) * num_hyper)
     return signature
 
@@ -155,13 +159,14 @@ SUM_GROUP = 1 if INTERPRETED else SUM_GROUP_COMPILED
 SUM_ROW_FACTORS = 4 if INTERPRETED else 128
 
 
-def segment_sum_options(num_sums: int, finalize: tuple = (), flags: tuple = (), num_factors: int = 0) -> dict:
+def segment_sum_options(num_sums: int, finalize: tuple = (), flags: tuple = (), num_factors: int = 0,
+                        amp: bool = False) -> dict:
     """The compile-time arguments of one ``segment_sum_kernel`` launch (see ``step_options``); ``finalize``: the
     rule's Triton finalize, and for rules with row statistics its row test and row factors (empty: none)."""
     finalize = tuple(finalize) + (None,) * (3 - len(finalize))
     return dict(NUM_SUMS=num_sums, SUMS_POW2=triton.next_power_of_2(num_sums), ROWS=SUM_ROWS, GROUP=SUM_GROUP,
                 FINALIZE=finalize[0], ROW_TEST=finalize[1], ROW_FACTORS=finalize[2], FLAGS=tuple(flags),
-                NUM_FACTORS=num_factors, ROWS_STEP=SUM_ROW_FACTORS, num_warps=4)
+                NUM_FACTORS=num_factors, ROWS_STEP=SUM_ROW_FACTORS, AMP=amp, num_warps=4)
 
 
 def segment_sum_signature(num_tensor_states: int = 0, num_hyper: int = 0) -> dict[str, str | tuple[str, ...]]:
@@ -170,7 +175,8 @@ def segment_sum_signature(num_tensor_states: int = 0, num_hyper: int = 0) -> dic
         "segment_begin", "segment_end", "group_segment", "segment_group", "row_begin", "row_end", "row_tensor")}
     signature.update({name: "*fp32" for name in ("partials", "group_sums", "sums", "steps", "factors", "numels",
                                                  "fan_in")})
-    signature.update(counters="*i32", failing_rows="*i32", tensor_states=("*fp32",) * num_tensor_states,
+    signature.update(counters="*i32", failing_rows="*i32", found_inf="*fp32",
+                     tensor_states=("*fp32",) * num_tensor_states,
                      hyper=("fp32",) * num_hyper, num_tensors="i32", num_segments="i32")
     return signature
 
@@ -202,23 +208,26 @@ class SumTables(NamedTuple):
 
 
 def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tensor, steps: torch.Tensor,
-                       sum_tables: SumTables, finalize: Finalize | None = None) -> None:
+                       sum_tables: SumTables, finalize: Finalize | None = None,
+                       found_inf: torch.Tensor | None = None) -> None:
     """sums[s, k] = the partials of segment s's chunks, added in a fixed order; the steps of the tensors pass A
     covered advance by 1; with ``finalize``, the factors of every segment and the per-tensor states of the covered
-    tensors, in the same launch."""
+    tensors, in the same launch. A nonzero ``found_inf`` (fp32[1], GradScaler's) stores nothing."""
     tensors = [partials, steps, *sum_tables] + ([] if finalize is None else [finalize.factors,
                                                                              *finalize.tensor_states])
+    tensors += [] if found_inf is None else [found_inf]
     check_devices(sums.device, tables=tables.chunks, tensors=tensors)
     segment_begin, segment_end, *_, segment_group, group_segment = split_tables(tables)[3:]
     # one group per segment: no group sums are stored, and partials stands in for them
     group_sums = partials if tables.sizes.groups == tables.sizes.segments else torch.empty(
         tables.sizes.groups, partials.shape[1], dtype=torch.float32, device=sums.device)
+    amp = found_inf is not None
     if finalize is None:
-        options = segment_sum_options(partials.shape[1])
+        options = segment_sum_options(partials.shape[1], amp=amp)
         factors, tensor_states, hyper = sums, (), ()
     else:
         options = segment_sum_options(partials.shape[1], finalize.functions, finalize.flags,
-                                      finalize.factors.shape[1])
+                                      finalize.factors.shape[1], amp=amp)
         factors, tensor_states, hyper = finalize.factors, finalize.tensor_states, finalize.hyper
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:
@@ -226,7 +235,8 @@ def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tenso
             partials, segment_begin, segment_end, group_segment, segment_group, group_sums, sums, steps,
             sum_tables.counters, factors, tuple(tensor_states), sum_tables.numels, sum_tables.fan_in,
             sum_tables.row_begin, sum_tables.row_end, sum_tables.row_tensor, sum_tables.failing_rows,
-            tuple(hyper), tables.sizes.tensors, tables.sizes.segments, **options)
+            sums if found_inf is None else found_inf, tuple(hyper), tables.sizes.tensors, tables.sizes.segments,
+            **options)
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 

@@ -32,11 +32,14 @@ import triton.language as tl
 
 @triton.jit
 def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, factors, hyper, partial_ptr,
-                slow_ptr, sync_rate,
+                slow_ptr, sync_rate, inv_grad_scale,
                 RULE: tl.constexpr, FLAGS: tl.constexpr, PARAM_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                NUM_SUMS: tl.constexpr, STORE_PARAM: tl.constexpr, STORE_STATE: tl.constexpr, SYNC: tl.constexpr):
+                NUM_SUMS: tl.constexpr, STORE_PARAM: tl.constexpr, STORE_STATE: tl.constexpr, SYNC: tl.constexpr,
+                AMP: tl.constexpr):
     param = tl.load(param_ptr, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr, mask=mask).to(tl.float32)
+    if AMP:  # GradScaler's unscale on the fly: the grads are read once and never written
+        grad = grad * inv_grad_scale
     if MAXIMIZE:
         grad = -grad
     state = ()
@@ -88,6 +91,8 @@ def multi_tensor_step_kernel(
     segment_begin,   # int64[S]: tensor t's chunks are segment_begin[t] .. segment_end[t] - 1
     segment_end,     # int64[S]
     step_counters,   # int32[T]: zeros between launches; ADVANCE_STEPS == 2 counts each tensor's programs in it
+    grad_scale,      # fp32[1]: GradScaler's scale, by which the grads arrive multiplied (read with AMP)
+    found_inf,       # fp32[1]: nonzero when a grad had an inf or NaN: then the step is skipped (read with AMP)
     RULE: tl.constexpr,         # the @triton.jit rule
     FLAGS: tl.constexpr,        # tuple of the rule's structural options (amsgrad, ...)
     PARAM_DTYPE: tl.constexpr,  # dtype of params and grads; math and state are fp32
@@ -99,7 +104,18 @@ def multi_tensor_step_kernel(
     STORE_STATE: tl.constexpr = True,
     SYNC: tl.constexpr = False,
     ADVANCE_STEPS: tl.constexpr = 0,  # the step's first pass: the rule sees step + 1; 2: this kernel stores it
+    AMP: tl.constexpr = False,  # GradScaler: unscale the grads by grad_scale, skip everything if found_inf
 ):
+    inv_grad_scale = 1.0
+    if AMP:
+        # A skipped step is decided here, on the device: no host sync. Every program returns before it stores
+        # anything, the steps included. (Masking every element off instead costs Adan's bf16 kernel 12 registers,
+        # 76 -> 88, and AdamP's pass A 16, sm_90.)
+        if tl.load(found_inf) != 0:
+            return
+        # GradScaler's inverse scale is 1 / scale in fp64 rounded to fp32; a correctly rounded fp32 division gives
+        # the same bits (double rounding through 53 bits is innocuous for a 24-bit quotient), without fp64 registers
+        inv_grad_scale = tl.math.div_rn(1.0, tl.load(grad_scale))
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_tensor + chunk)
     step = tl.load(steps + tensor)
@@ -150,12 +166,12 @@ def multi_tensor_step_kernel(
         grad_ptr = tl.max_contiguous(tl.multiple_of(grad_ptr, 16), BLOCK)
         state_offset = tl.max_contiguous(tl.multiple_of(state_offset, 16), BLOCK)
         _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, None, step, tensor_factors, hyper_fp32,
-                    partial_ptr, slow, sync_rate, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM,
-                    STORE_STATE, SYNC)
+                    partial_ptr, slow, sync_rate, inv_grad_scale, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS,
+                    STORE_PARAM, STORE_STATE, SYNC, AMP)
     else:
         _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, idx < end, step, tensor_factors, hyper_fp32,
-                    partial_ptr, slow, sync_rate, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS, STORE_PARAM,
-                    STORE_STATE, SYNC)
+                    partial_ptr, slow, sync_rate, inv_grad_scale, RULE, FLAGS, PARAM_DTYPE, MAXIMIZE, NUM_SUMS,
+                    STORE_PARAM, STORE_STATE, SYNC, AMP)
 
 
 @triton.jit
@@ -211,6 +227,7 @@ def segment_sum_kernel(
     row_end,         # int64[T]
     row_tensor,      # int64[R]: the tensor of each row segment T .. T + R - 1
     failing_rows,    # int32[T]: zeros between launches: ROW_TEST's count per tensor
+    found_inf,       # fp32[1]: with AMP, nonzero skips the step: no sums, steps, factors or states are stored
     hyper,           # tuple of the rule's runtime scalars
     num_tensors,     # segments 0 .. T - 1 are the tensors (not specialised: no recompile per bucket size)
     num_segments,
@@ -224,6 +241,7 @@ def segment_sum_kernel(
     FLAGS: tl.constexpr = (),
     NUM_FACTORS: tl.constexpr = 0,
     ROWS_STEP: tl.constexpr = 128,    # rows whose factors ROW_FACTORS writes per step
+    AMP: tl.constexpr = False,
 ):
     """A deterministic two-level sum, then the rule's finalize, in one launch.
 
@@ -241,6 +259,9 @@ def segment_sum_kernel(
     tensor's count (integer atomics: exact in any order), and the last of a tensor's segments to complete runs the
     finalize, then ``ROW_FACTORS(row sums columns, row_terms, *hyper, *flags)`` over its rows.
     """
+    if AMP:
+        if tl.load(found_inf) != 0:  # a skipped step: the last step's sums and factors stay
+            return
     group = tl.program_id(0)
     hyper_fp32 = ()
     for i in tl.static_range(len(hyper)):

@@ -37,6 +37,19 @@ class Run:
     flags: tuple[bool, ...]
     maximize: bool
     sync_rate: torch.Tensor | None = None
+    #: GradScaler's scale (the grads arrive multiplied by it) and found_inf (nonzero: skip the step), fp32[1] on the
+    #: params' device; None without a GradScaler (``FusedOptimizer._step_supports_amp_scaling``)
+    grad_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
+    inv_grad_scale: float = 1.0  # the host executors' copy of 1 / grad_scale (host_amp)
+
+    def host_amp(self) -> tuple[bool, float]:
+        """(skip the step, the inverse scale to multiply the grads by), read on the host by the executors that run
+        there: a CPU tensor's value costs no device sync (the reference path on CUDA syncs here). The inverse is
+        rounded through fp64, as GradScaler's own unscale computes it."""
+        if self.found_inf is None:
+            return False, 1.0
+        return bool(self.found_inf.item()), float(self.grad_scale.double().reciprocal().float())
 
 
 class Executor(Protocol):

@@ -39,9 +39,14 @@ class FusedOptimizer(Optimizer):
     - All params of one param group must be on one device; a group may mix dtypes.
     - DTensor params (FSDP2): the kernels run on the local shards, per-tensor statistics are summed over the shards
       (one all-reduce per two-pass bucket per step) and state is DTensor like the param (``_distributed.py``).
+    - ``torch.amp.GradScaler`` hands ``step()`` its scale and found_inf instead of unscaling the grads itself
+      (``_step_supports_amp_scaling``): the kernels unscale the grads as they read them, and a step with an inf or
+      NaN grad is skipped (params, states and steps unchanged). On the Triton path the skip is decided on the device
+      with no host sync; the C++ and reference paths read found_inf on the host (a CPU tensor: no sync).
     """
 
     rule: ClassVar[Rule]
+    _step_supports_amp_scaling: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
         if backend not in BACKENDS:
@@ -165,6 +170,7 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Phase 1: everything that can fail, before any param or state is written.
+        amp = self._amp_inputs()
         runs: list[Run] = []
         for group in self.param_groups:
             hyper, flags = self.group_scalars(group)
@@ -183,7 +189,10 @@ class FusedOptimizer(Optimizer):
                         if not (g.__class__ is torch.Tensor and g.layout is torch.strided and g.dtype is dtype
                                 and g.device == device and g.shape == tensors[i].shape):
                             grads[i] = self._checked_grad(bucket, i, g)
-                runs.append(Run(bucket, self.rule, active, grads, hyper, flags, group["maximize"]))
+                run = Run(bucket, self.rule, active, grads, hyper, flags, group["maximize"])
+                if amp is not None:
+                    run.grad_scale, run.found_inf = self._amp_on(bucket.device, *amp)
+                runs.append(run)
         # Phase 2: each executor advances the steps of the tensors that have a gradient and runs the passes.
         sync_rate, self._pending_sync = self._pending_sync, None
         if sync_rate is not None:  # buckets without any gradient still take part in Lookahead's sync
@@ -200,6 +209,31 @@ class FusedOptimizer(Optimizer):
                 inactive = tuple(sorted(set(range(len(bucket.params))) - set(run.active)))
                 bucket.executor.sync(bucket, inactive, run.sync_rate)
         return loss
+
+    def _amp_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """``torch.amp.GradScaler`` sets ``grad_scale`` (None once the grads were unscaled by ``unscale_``) and
+        ``found_inf`` on an optimizer that declares ``_step_supports_amp_scaling`` before calling ``step()``."""
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            return None
+        for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if value is not None and not (isinstance(value, torch.Tensor) and value.numel() == 1
+                                          and value.is_floating_point()):
+                raise TypeError(f"{type(self).__name__}: {name} (set by torch.amp.GradScaler) must be a 1-element "
+                                f"floating-point tensor, got {value!r}")
+        return grad_scale, found_inf
+
+    def _amp_on(self, device: torch.device, grad_scale: torch.Tensor | None,
+                found_inf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """GradScaler's scale and found_inf as fp32[1] on ``device`` (views when they are there already, as
+        GradScaler puts them); a missing one is a cached 1 or 0, so that no step fills a new tensor."""
+        constants = self.__dict__.setdefault("_amp_constants", {})
+        if device not in constants:
+            constants[device] = (torch.ones(1, device=device), torch.zeros(1, device=device))
+        one, zero = constants[device]
+        scale = one if grad_scale is None else grad_scale.to(device, torch.float32, non_blocking=True).reshape(1)
+        found = zero if found_inf is None else found_inf.to(device, torch.float32, non_blocking=True).reshape(1)
+        return scale, found
 
     def _checked_grad(self, bucket: Bucket, i: int, grad: torch.Tensor) -> torch.Tensor:
         """Param i's local gradient, checked as every kernel needs it before anything is written: dense, the

@@ -183,6 +183,9 @@ class CpuExecutor:
         """
         bucket, rule, active = run.bucket, run.rule, run.active
         ext = extension()
+        skip, inv_grad_scale = run.host_amp()
+        if skip:  # GradScaler found an inf or NaN: the step is not taken
+            return
         bucket.advance_steps(active)
         params = [bucket.tensors[i] for i in active]
         staged = [p if p.is_contiguous() else p.contiguous() for p in params]
@@ -192,7 +195,7 @@ class CpuExecutor:
         sync = (None, None) if run.sync_rate is None else (bucket.states["slow_param"], run.sync_rate)
         kernel = getattr(ext, f"{rule.cpu}_step")
         if not rule.two_pass:
-            kernel(*args, *sync)
+            kernel(*args, *sync, inv_grad_scale=inv_grad_scale)
         else:
             segments = bucket.segments
             rows = [segments.row_lengths[i] or 0 for i in active]
@@ -201,11 +204,11 @@ class CpuExecutor:
             factors = torch.empty(segments.num_segments, len(rule.factor_names), dtype=torch.float32)
             tables = (rows, first_row, sums, factors, list(bucket.tensor_states.values()), CACHE_GROUP_ELEMENTS)
             if bucket.sharding is None:
-                kernel(*args, *tables, *sync)
+                kernel(*args, *tables, *sync, inv_grad_scale=inv_grad_scale)
             else:  # pass A's sums are partial: sum them over the ranks between the passes (rule.finalize_run)
-                kernel(*args, *tables, None, None, PHASE_PASS_A)
+                kernel(*args, *tables, None, None, PHASE_PASS_A, inv_grad_scale=inv_grad_scale)
                 factors = rule.finalize_run(run, sums).to(torch.float32).contiguous()
-                kernel(*args, *tables[:3], factors, *tables[4:], *sync, PHASE_PASS_B)
+                kernel(*args, *tables[:3], factors, *tables[4:], *sync, PHASE_PASS_B, inv_grad_scale=inv_grad_scale)
         for p, s in zip(params, staged, strict=True):
             if s is not p:
                 p.copy_(s)

@@ -24,6 +24,9 @@ class ReferenceExecutor:
         pass
 
     def step(self, run: Run) -> None:
+        skip, run.inv_grad_scale = run.host_amp()
+        if skip:  # GradScaler found an inf or NaN: the step is not taken
+            return
         run.bucket.advance_steps(run.active)
         factors = run.rule.finalize_run(run, self._prepare(run)) if run.rule.two_pass else None
         self._apply(run, factors)
@@ -41,6 +44,8 @@ class ReferenceExecutor:
         bucket = run.bucket
         dtype = torch.promote_types(bucket.dtype, torch.float32)
         grad = run.grads[i].to(dtype)
+        if run.found_inf is not None:  # GradScaler's unscale, as it does it (fp32 times the fp32 inverse)
+            grad = grad * run.inv_grad_scale
         return (bucket.tensors[i].detach().to(dtype), -grad if run.maximize else grad,
                 tuple(bucket.view(name, i) for name in bucket.rule_state_names))
 

@@ -127,8 +127,12 @@ class TwoPassRule(Rule):
         factors, tensor_states = self.finalize(sums, bucket.steps, bucket.segments,
                                                tuple(bucket.tensor_states.values()), *run.hyper, *run.flags, **extra)
         all_active = len(run.active) == len(bucket.params)
+        skipped = None if run.found_inf is None else run.found_inf > 0  # GradScaler's skip, on the device
         for old, new in zip(bucket.tensor_states.values(), tensor_states, strict=True):
-            old.copy_(new if all_active else torch.where(bucket.active_mask(run.active) > 0, new, old))
+            new = new if all_active else torch.where(bucket.active_mask(run.active) > 0, new, old)
+            old.copy_(new if skipped is None else torch.where(skipped, old, new))
+        if skipped is not None and bucket.factors is not None and bucket.factors.shape == factors.shape:
+            sums, factors = torch.where(skipped, bucket.sums, sums), torch.where(skipped, bucket.factors, factors)
         bucket.sums, bucket.factors = sums, factors
         return factors
 

@@ -80,7 +80,8 @@ class TritonExecutor:
         tables = self._tables(bucket, run.active, [0 if g is None else g.data_ptr() for g in grads], "step")
         chunks = bucket.tables.chunks[run.active]
         if chunks.empty_active is not None:  # no program advances them (e.g. FSDP2's empty shards)
-            bucket.steps.add_(chunks.empty_active)
+            taken = chunks.empty_active if run.found_inf is None else chunks.empty_active * (run.found_inf == 0)
+            bucket.steps.add_(taken)
         passes = rule.kernel_passes()
         factors = None
         if rule.two_pass:
@@ -97,22 +98,32 @@ class TritonExecutor:
         shape = (tables.sizes.segments, rule.num_sums)
         if not tables.sizes.chunks:
             return rule.finalize_run(run, torch.zeros(shape, dtype=torch.float32, device=bucket.device))
-        # the segment sum writes every segment (0 for the empty ones): no fill launch
-        sums = torch.empty(shape, dtype=torch.float32, device=bucket.device)
+        # The segment sum writes every segment (0 for the empty ones), so the last step's sums and factors buffers
+        # are reused: no fill launch, no allocation; a step GradScaler skips leaves them as they were.
+        sums = self._buffer(bucket.sums, shape, run)
         partials = torch.empty(tables.sizes.chunks, rule.num_sums, dtype=torch.float32, device=bucket.device)
         self._launch(run, tables, rule.kernel_passes()[0], partials=partials)
         on_device = rule.triton_finalize is not None and bucket.sharding is None and chunks.empty_active is None
         finalize = None
         if on_device:
-            factors = torch.empty(tables.sizes.segments, len(rule.factor_names), dtype=torch.float32,
-                                  device=bucket.device)
+            factors = self._buffer(bucket.factors, (tables.sizes.segments, len(rule.factor_names)), run)
             finalize = kernels.Finalize(rule.triton_finalize, tuple(run.flags), tuple(run.hyper),
                                         tuple(bucket.tensor_states.values()), factors)
-        kernels.launch_segment_sum(partials, tables, sums, bucket.steps, self._sum_tables(bucket), finalize)
+        kernels.launch_segment_sum(partials, tables, sums, bucket.steps, self._sum_tables(bucket), finalize,
+                                   run.found_inf)
         if not on_device:
             return rule.finalize_run(run, sums)
         bucket.sums, bucket.factors = sums, finalize.factors
         return finalize.factors
+
+    @staticmethod
+    def _buffer(last: torch.Tensor | None, shape: tuple[int, int], run: Run) -> torch.Tensor:
+        """The last step's sums or factors buffer when it fits, else a new one (zeros under GradScaler, whose
+        skipped step writes nothing)."""
+        if last is not None and tuple(last.shape) == shape and last.is_contiguous():
+            return last
+        new = torch.zeros if run.found_inf is not None else torch.empty
+        return new(shape, dtype=torch.float32, device=run.bucket.device)
 
     @staticmethod
     def _sum_tables(bucket: Bucket) -> kernels.SumTables:
@@ -144,7 +155,8 @@ class TritonExecutor:
         kernels.launch_step(kernel_pass.rule, run.flags, tables, bucket.steps, bucket.tables.step_counters,
                             [bucket.states[name] for name in bucket.rule_state_names], run.hyper, bucket.dtype,
                             run.maximize, store_param=kernel_pass.store_param,
-                            store_state=kernel_pass.store_state, advance_steps=kernel_pass.advance_steps, **kwargs)
+                            store_state=kernel_pass.store_state, advance_steps=kernel_pass.advance_steps,
+                            amp=None if run.found_inf is None else (run.grad_scale, run.found_inf), **kwargs)
 
     @staticmethod
     def _tables(bucket: Bucket, active: tuple[int, ...], grad_ptrs: list[int], kind: str) -> kernels.Tables:

@@ -134,11 +134,16 @@ def _device_launches(opt, params, grads) -> tuple[int, dict[str, int]]:
     return sum(LAUNCH_COUNTS.values()) - before, dict(ops)
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "gradscaler"])
 @pytest.mark.parametrize("case", FIRST_CASES, ids=lambda c: c.name)
-def test_device_launches_per_step(case):
+def test_device_launches_per_step(case, amp):
+    """GradScaler's scale and found_inf (as torch.amp.GradScaler hands them to step()) add no launch: the kernels
+    read them."""
     params = [torch.randn(7), torch.randn(33, 31), torch.randn(1025)]
     grads = [torch.randn_like(p) for p in params]
     opt = case.make(params, backend="triton")
+    if amp:
+        opt.grad_scale, opt.found_inf = torch.full((), 2.0**16), torch.zeros(())
     _device_launches(opt, params, grads)  # lay out, build the tables
     triton, ops = _device_launches(opt, params, grads)
     assert triton == (3 if case.cls.rule.two_pass else 1)
