@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +39,7 @@ def _entry(rank: int, world_size: int, port: int, out: str, job: Callable[..., A
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the test
         result = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while another still uses it (rank 0 hosts the store)
     dist.destroy_process_group()
 
 
@@ -50,6 +52,12 @@ def spawn(world_size: int, job: Callable[..., Any], *args: Any, timeout: float =
             while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):  # returns as each rank ends
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"ranks did not finish within {timeout} s")
+        except mp.ProcessExitedException as e:
+            # A rank killed by a signal after every rank saved its result died in gloo's teardown (once in CI:
+            # SIGABRT, "terminate called without an active exception"): its results stand, and are checked below.
+            if not all((Path(out) / f"rank{r}.pt").is_file() for r in range(world_size)):
+                raise
+            warnings.warn(f"{e} after every rank had reported its result (process group teardown)", stacklevel=2)
         finally:
             for process in context.processes:
                 if process.is_alive():
