@@ -110,6 +110,7 @@ class Variant:
     state_types: tuple[str, ...] | None = None  # Triton's name of each state's dtype (None: all fp32)
     advance_steps: int = 0  # the step's first pass sees step + 1 (2: and stores it)
     amp: bool = False  # GradScaler's unscale and skip (options "gradscaler")
+    lr_tensor: bool = False  # the lr read from a device tensor (options "tensor-lr")
 
     @property
     def label(self) -> str:
@@ -233,6 +234,12 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                     out.append(Variant(spec.name, "gradscaler", name, _rule_name(p.rule), tuple(flags), num_states,
                                        num_hyper, p.num_sums, p.num_factors, p.store_param, p.store_state, dtype,
                                        False, maximize, arch, model, state_types(dtype), p.advance_steps, amp=True))
+                if default and dtype != "fp16" and arch == (90 if 90 in archs else archs[0]):
+                    # a tensor lr: one scalar load more, the addressing unchanged (sm_90 stands for the others)
+                    out.append(Variant(spec.name, "tensor-lr", name, _rule_name(p.rule), tuple(flags), num_states,
+                                       num_hyper, p.num_sums, p.num_factors, p.store_param, p.store_state, dtype,
+                                       False, maximize, arch, model, state_types(dtype), p.advance_steps,
+                                       lr_tensor=True))
             for p in passes:
                 if not p.num_sums:
                     continue
@@ -243,6 +250,10 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                     out.append(Variant(spec.name, "gradscaler" if amp else label, "segment_sum",
                                        _rule_name(finalize[0]), tuple(flags), 0, num_hyper, p.num_sums,
                                        passes[-1].num_factors, False, False, "fp32", False, maximize, arch, amp=amp))
+                if default:
+                    out.append(Variant(spec.name, "tensor-lr", "segment_sum", _rule_name(finalize[0]), tuple(flags), 0,
+                                       num_hyper, p.num_sums, passes[-1].num_factors, False, False, "fp32", False,
+                                       maximize, 90 if 90 in archs else archs[0], lr_tensor=True))
                 if p.num_sums not in num_sums_seen:  # without a finalize (sharded params): one per sum count
                     num_sums_seen.add(p.num_sums)
                     for arch in archs:
@@ -294,7 +305,8 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
         finalize = rule.triton_finalize if v.rule[0] else ()
         kernel = segment_sum_kernel
         signature = kernels.segment_sum_signature(len(rule.tensor_states) if finalize else 0, v.num_hyper)
-        options = kernels.segment_sum_options(v.num_sums, finalize, v.flags, v.num_factors, amp=v.amp)
+        options = kernels.segment_sum_options(v.num_sums, finalize, v.flags, v.num_factors, amp=v.amp,
+                                              lr_tensor=v.lr_tensor)
     else:
         kernel, signature = multi_tensor_step_kernel, kernels.step_signature(v.num_states, v.num_hyper, v.state_types)
         rule = getattr(importlib.import_module(v.rule[0]), v.rule[1])
@@ -302,7 +314,7 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
         options = kernels.step_options(rule, v.flags, dtype, v.maximize, num_sums=v.num_sums,
                                        num_factors=v.num_factors, store_param=v.store_param,
                                        store_state=v.store_state, sync=v.sync, advance_steps=v.advance_steps,
-                                       amp=v.amp)
+                                       amp=v.amp, lr_tensor=v.lr_tensor)
     compiler = {name: options.pop(name) for name in list(options) if name not in kernel.arg_names}
     for name in options:
         signature[name] = "constexpr"

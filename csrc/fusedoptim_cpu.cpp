@@ -7,6 +7,7 @@
 //                        fills sums and factors (phase 1: pass A only, fills sums; phase 2: pass B only, reads
 //                        factors)
 // inv_grad_scale: torch.amp.GradScaler's inverse scale, by which the grads are multiplied as they are read
+// lr (None: hyper[0]): a tensor learning rate, fp32[1] on the CPU, read here in place of hyper[0] (every rule's lr)
 // slow / sync_rate (None: no sync) fuse Lookahead's sync into the last pass; keep_step with the params as grads
 // is the sync on its own. Only pybind11 and the Tensor caster, not <torch/extension.h>: that pulls in all of
 // libtorch's C++ frontend.
@@ -23,12 +24,24 @@ using Optional = std::optional<at::Tensor>;
 using Tensors = std::vector<at::Tensor>;
 using Ints = std::vector<int64_t>;
 
+// The runtime scalars with a tensor lr's value in place of hyper[0]: read in C++, so that Python never calls
+// .item() on it (a graph break under torch.compile; with a CUDA lr it would be a host sync).
+inline std::vector<double> read_lr(std::vector<double> hyper, const Optional& lr) {
+  if (lr.has_value()) {
+    TORCH_CHECK(lr->device().is_cpu() && lr->scalar_type() == at::kFloat && lr->numel() == 1,
+                "fusedoptim cpu: a tensor lr must be a 1-element fp32 CPU tensor");
+    TORCH_CHECK(!hyper.empty(), "fusedoptim cpu: a tensor lr needs hyper[0], the rule's lr");
+    hyper[0] = static_cast<double>(*lr->data_ptr<float>());
+  }
+  return hyper;
+}
+
 template <void (*Rule)(const BucketArgs&)>
 void step_entry(Tensors params, Tensors grads, Tensors states, Ints offsets, at::Tensor steps, Ints index,
                 std::vector<double> hyper, std::vector<bool> flags, bool maximize, Optional slow, Optional sync_rate,
-                double inv_grad_scale) {
+                double inv_grad_scale, Optional lr) {
   BucketArgs a{std::move(params), std::move(grads), std::move(states), std::move(offsets), std::move(steps),
-               std::move(index), std::move(hyper), std::move(flags), maximize};
+               std::move(index), read_lr(std::move(hyper), lr), std::move(flags), maximize};
   a.slow = slow.value_or(at::Tensor()), a.sync_rate = sync_rate.value_or(at::Tensor());
   a.inv_grad_scale = static_cast<float>(inv_grad_scale);
   Rule(a);
@@ -38,9 +51,9 @@ template <void (*Rule)(const BucketArgs&)>
 void two_pass_entry(Tensors params, Tensors grads, Tensors states, Ints offsets, at::Tensor steps, Ints index,
                     std::vector<double> hyper, std::vector<bool> flags, bool maximize, Ints row_lengths,
                     Ints first_row, at::Tensor sums, at::Tensor factors, Tensors tensor_states, int64_t cache_group,
-                    Optional slow, Optional sync_rate, int64_t phase, double inv_grad_scale) {
+                    Optional slow, Optional sync_rate, int64_t phase, double inv_grad_scale, Optional lr) {
   BucketArgs a{std::move(params), std::move(grads), std::move(states), std::move(offsets), std::move(steps),
-               std::move(index), std::move(hyper), std::move(flags), maximize};
+               std::move(index), read_lr(std::move(hyper), lr), std::move(flags), maximize};
   a.row_lengths = std::move(row_lengths), a.first_row = std::move(first_row);
   a.sums = std::move(sums), a.factors = std::move(factors), a.tensor_states = std::move(tensor_states);
   a.cache_group = cache_group, a.phase = phase, a.inv_grad_scale = static_cast<float>(inv_grad_scale);
@@ -57,7 +70,8 @@ void def_step(py::module_& m, const std::string& name) {
   m.def((name + "_step").c_str(), &step_entry<Rule>, "one bucket's step; slow, sync_rate: Lookahead's sync fused in",
         py::arg("params"), py::arg("grads"), py::arg("states"), py::arg("offsets"), py::arg("steps"),
         py::arg("index"), py::arg("hyper"), py::arg("flags"), py::arg("maximize"), py::arg("slow") = py::none(),
-        py::arg("sync_rate") = py::none(), py::arg("inv_grad_scale") = 1.0, py::call_guard<py::gil_scoped_release>());
+        py::arg("sync_rate") = py::none(), py::arg("inv_grad_scale") = 1.0, py::arg("lr") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
 }
 
 template <void (*Rule)(const BucketArgs&)>
@@ -69,7 +83,8 @@ void def_two_pass(py::module_& m, const std::string& name) {
         py::arg("index"), py::arg("hyper"), py::arg("flags"), py::arg("maximize"), py::arg("row_lengths"),
         py::arg("first_row"), py::arg("sums"), py::arg("factors"), py::arg("tensor_states"),
         py::arg("cache_group"), py::arg("slow") = py::none(), py::arg("sync_rate") = py::none(),
-        py::arg("phase") = 0, py::arg("inv_grad_scale") = 1.0, py::call_guard<py::gil_scoped_release>());
+        py::arg("phase") = 0, py::arg("inv_grad_scale") = 1.0, py::arg("lr") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace fusedoptim

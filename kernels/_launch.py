@@ -77,6 +77,7 @@ def launch_step(
     sync_rate: torch.Tensor | None = None,
     advance_steps: int = 0,
     amp: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lr: torch.Tensor | None = None,
 ) -> None:
     """One launch of the multi-tensor template over a bucket.
 
@@ -86,17 +87,18 @@ def launch_step(
     ``advance_steps`` (a step's first pass) the rule sees the steps of the tensors it covers plus 1, and with 2
     the kernel stores them (with 1 the segment sum does); ``step_counters`` (int32[T] zeros, the bucket's) is
     where it counts their finished programs. With ``amp``, (GradScaler's scale, found_inf), both fp32[1] on the
-    device: the grads are unscaled as they are read, and a nonzero found_inf skips the launch's work.
+    device: the grads are unscaled as they are read, and a nonzero found_inf skips the launch's work. With ``lr``
+    (fp32[1] on the device) the kernel reads the learning rate there instead of ``hyper[0]``.
     """
     check_devices(steps.device, tables=tables[:2], step_counters=step_counters, states=states, partials=partials,
-                  factors=factors, slow=slow, sync_rate=sync_rate, amp=amp)
+                  factors=factors, slow=slow, sync_rate=sync_rate, amp=amp, lr=lr)
     (param_ptrs, grad_ptrs, state_offsets, segment_begin, segment_end, chunk_tensor, chunk_start, chunk_end,
      chunk_segment) = split_tables(tables)[:9]
     options = step_options(rule, flags, param_dtype, maximize,
                            num_sums=0 if partials is None else partials.shape[1],
                            num_factors=0 if factors is None else factors.shape[1],
                            store_param=store_param, store_state=store_state, sync=slow is not None,
-                           advance_steps=advance_steps, amp=amp is not None)
+                           advance_steps=advance_steps, amp=amp is not None, lr_tensor=lr is not None)
     grad_scale, found_inf = (steps, steps) if amp is None else amp
     # Triton launches on the *current* CUDA device, which need not be the bucket's.
     guard = torch.cuda.device(steps.device) if steps.device.type == "cuda" else contextlib.nullcontext()
@@ -106,7 +108,7 @@ def launch_step(
             tuple(states), tuple(hyper), steps if partials is None else partials,
             steps if factors is None else factors, steps if slow is None else slow,
             steps if sync_rate is None else sync_rate, segment_begin, segment_end, step_counters, grad_scale,
-            found_inf, **options)
+            found_inf, steps if lr is None else lr, **options)
     LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
 
 
@@ -121,7 +123,7 @@ def check_devices(device: torch.device, **tensors: torch.Tensor | Sequence[torch
 
 def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtype, maximize: bool, *,
                  num_sums: int = 0, num_factors: int = 0, store_param: bool = True, store_state: bool = True,
-                 sync: bool = False, advance_steps: int = 0, amp: bool = False) -> dict:
+                 sync: bool = False, advance_steps: int = 0, amp: bool = False, lr_tensor: bool = False) -> dict:
     """The compile-time arguments of one ``multi_tensor_step_kernel`` launch (its constexprs and compiler options):
     together with ``step_signature`` they name the specialisation that runs. The compiled-code checks
     (``benchmarks/compiled.py``) build what they compile from these two functions, so they check what is launched.
@@ -129,7 +131,7 @@ def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtyp
     return dict(RULE=rule, FLAGS=tuple(flags), PARAM_DTYPE=_TL_DTYPES[param_dtype], MAXIMIZE=maximize,
                 BLOCK=block_size(param_dtype), NUM_SUMS=num_sums, NUM_FACTORS=num_factors,
                 STORE_PARAM=store_param, STORE_STATE=store_state, SYNC=sync, ADVANCE_STEPS=advance_steps, AMP=amp,
-                **STEP_COMPILE_OPTIONS)
+                LR_TENSOR=lr_tensor, **STEP_COMPILE_OPTIONS)
 
 
 def step_signature(num_states: int, num_hyper: int,
@@ -143,7 +145,7 @@ def step_signature(num_states: int, num_hyper: int,
         "param_ptrs", "grad_ptrs", "state_offsets", "chunk_tensor", "chunk_start", "chunk_end", "chunk_segment",
         "segment_begin", "segment_end")}
     signature.update(steps="*fp32", step_counters="*i32", partials="*fp32", factors="*fp32", slow="*fp32",
-                     sync_rate_ptr="*fp32", grad_scale="*fp32", found_inf="*fp32",
+                     sync_rate_ptr="*fp32", grad_scale="*fp32", found_inf="*fp32", lr_ptr="*fp32",
                      state_ptrs=tuple(f"*{t}" for t in state_types), hyper=("fp32",) * num_hyper)
     return signature
 
@@ -160,13 +162,13 @@ SUM_ROW_FACTORS = 4 if INTERPRETED else 128
 
 
 def segment_sum_options(num_sums: int, finalize: tuple = (), flags: tuple = (), num_factors: int = 0,
-                        amp: bool = False) -> dict:
+                        amp: bool = False, lr_tensor: bool = False) -> dict:
     """The compile-time arguments of one ``segment_sum_kernel`` launch (see ``step_options``); ``finalize``: the
     rule's Triton finalize, and for rules with row statistics its row test and row factors (empty: none)."""
     finalize = tuple(finalize) + (None,) * (3 - len(finalize))
     return dict(NUM_SUMS=num_sums, SUMS_POW2=triton.next_power_of_2(num_sums), ROWS=SUM_ROWS, GROUP=SUM_GROUP,
                 FINALIZE=finalize[0], ROW_TEST=finalize[1], ROW_FACTORS=finalize[2], FLAGS=tuple(flags),
-                NUM_FACTORS=num_factors, ROWS_STEP=SUM_ROW_FACTORS, AMP=amp, num_warps=4)
+                NUM_FACTORS=num_factors, ROWS_STEP=SUM_ROW_FACTORS, AMP=amp, LR_TENSOR=lr_tensor, num_warps=4)
 
 
 def segment_sum_signature(num_tensor_states: int = 0, num_hyper: int = 0) -> dict[str, str | tuple[str, ...]]:
@@ -175,7 +177,7 @@ def segment_sum_signature(num_tensor_states: int = 0, num_hyper: int = 0) -> dic
         "segment_begin", "segment_end", "group_segment", "segment_group", "row_begin", "row_end", "row_tensor")}
     signature.update({name: "*fp32" for name in ("partials", "group_sums", "sums", "steps", "factors", "numels",
                                                  "fan_in")})
-    signature.update(counters="*i32", failing_rows="*i32", found_inf="*fp32",
+    signature.update(counters="*i32", failing_rows="*i32", found_inf="*fp32", lr_ptr="*fp32",
                      tensor_states=("*fp32",) * num_tensor_states,
                      hyper=("fp32",) * num_hyper, num_tensors="i32", num_segments="i32")
     return signature
@@ -191,6 +193,7 @@ class Finalize(NamedTuple):
     hyper: tuple[float, ...]
     tensor_states: tuple[torch.Tensor, ...]
     factors: torch.Tensor
+    lr: torch.Tensor | None = None  # fp32[1] on the device: read in place of hyper[0]
 
 
 class SumTables(NamedTuple):
@@ -216,18 +219,20 @@ def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tenso
     tensors = [partials, steps, *sum_tables] + ([] if finalize is None else [finalize.factors,
                                                                              *finalize.tensor_states])
     tensors += [] if found_inf is None else [found_inf]
+    tensors += [] if finalize is None or finalize.lr is None else [finalize.lr]
     check_devices(sums.device, tables=tables.chunks, tensors=tensors)
     segment_begin, segment_end, *_, segment_group, group_segment = split_tables(tables)[3:]
     # one group per segment: no group sums are stored, and partials stands in for them
     group_sums = partials if tables.sizes.groups == tables.sizes.segments else torch.empty(
         tables.sizes.groups, partials.shape[1], dtype=torch.float32, device=sums.device)
     amp = found_inf is not None
+    lr = None if finalize is None else finalize.lr
     if finalize is None:
         options = segment_sum_options(partials.shape[1], amp=amp)
         factors, tensor_states, hyper = sums, (), ()
     else:
         options = segment_sum_options(partials.shape[1], finalize.functions, finalize.flags,
-                                      finalize.factors.shape[1], amp=amp)
+                                      finalize.factors.shape[1], amp=amp, lr_tensor=lr is not None)
         factors, tensor_states, hyper = finalize.factors, finalize.tensor_states, finalize.hyper
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:
@@ -235,8 +240,8 @@ def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tenso
             partials, segment_begin, segment_end, group_segment, segment_group, group_sums, sums, steps,
             sum_tables.counters, factors, tuple(tensor_states), sum_tables.numels, sum_tables.fan_in,
             sum_tables.row_begin, sum_tables.row_end, sum_tables.row_tensor, sum_tables.failing_rows,
-            sums if found_inf is None else found_inf, tuple(hyper), tables.sizes.tensors, tables.sizes.segments,
-            **options)
+            sums if found_inf is None else found_inf, tuple(hyper), sums if lr is None else lr, tables.sizes.tensors,
+            tables.sizes.segments, **options)
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 

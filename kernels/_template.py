@@ -72,6 +72,20 @@ def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, facto
 
 
 @triton.jit
+def _runtime_scalars(hyper, lr_ptr, LR_TENSOR: tl.constexpr):
+    """The rule's runtime scalars as fp32. With LR_TENSOR the first, every rule's lr, is read from ``lr_ptr`` (a
+    0-d tensor on the device, e.g. scheduled there) in place of the placeholder passed: no host read, and neither a
+    float nor a tensor LR is a compile-time constant, so a new LR never compiles a kernel."""
+    out = ()
+    for i in tl.static_range(len(hyper)):
+        if LR_TENSOR and i == 0:
+            out = out + (tl.load(lr_ptr).to(tl.float32),)
+        else:
+            out = out + (tl.cast(hyper[i], tl.float32),)  # `.to` fails on floats in the interpreter
+    return out
+
+
+@triton.jit
 def multi_tensor_step_kernel(
     param_ptrs,      # int64[T]: data_ptr() of each parameter (PARAM_DTYPE, contiguous); written in place
     grad_ptrs,       # int64[T]: data_ptr() of each gradient (PARAM_DTYPE, contiguous); read only
@@ -93,6 +107,7 @@ def multi_tensor_step_kernel(
     step_counters,   # int32[T]: zeros between launches; ADVANCE_STEPS == 2 counts each tensor's programs in it
     grad_scale,      # fp32[1]: GradScaler's scale, by which the grads arrive multiplied (read with AMP)
     found_inf,       # fp32[1]: nonzero when a grad had an inf or NaN: then the step is skipped (read with AMP)
+    lr_ptr,          # fp32[1]: the learning rate, read in place of hyper[0] (LR_TENSOR)
     RULE: tl.constexpr,         # the @triton.jit rule
     FLAGS: tl.constexpr,        # tuple of the rule's structural options (amsgrad, ...)
     PARAM_DTYPE: tl.constexpr,  # dtype of params and grads; math and state are fp32
@@ -105,6 +120,7 @@ def multi_tensor_step_kernel(
     SYNC: tl.constexpr = False,
     ADVANCE_STEPS: tl.constexpr = 0,  # the step's first pass: the rule sees step + 1; 2: this kernel stores it
     AMP: tl.constexpr = False,  # GradScaler: unscale the grads by grad_scale, skip everything if found_inf
+    LR_TENSOR: tl.constexpr = False,  # a tensor LR: lr_ptr
 ):
     inv_grad_scale = 1.0
     if AMP:
@@ -145,9 +161,7 @@ def multi_tensor_step_kernel(
     # sends only its own chunks down the unhinted path, and no address ever re-specialises the kernel. 16 elements
     # keep fp32 states (segments start at multiples of 16) and 16-bit params 16-byte aligned.
     aligned = (param_addr % 16 == 0) & (grad_addr % 16 == 0) & (start % 16 == 0)
-    hyper_fp32 = ()
-    for i in tl.static_range(len(hyper)):
-        hyper_fp32 = hyper_fp32 + (tl.cast(hyper[i], tl.float32),)  # `.to` fails on floats in the interpreter
+    hyper_fp32 = _runtime_scalars(hyper, lr_ptr, LR_TENSOR)
     tensor_factors = ()
     if NUM_FACTORS > 0:
         segment = tl.load(chunk_segment + chunk)
@@ -229,6 +243,7 @@ def segment_sum_kernel(
     failing_rows,    # int32[T]: zeros between launches: ROW_TEST's count per tensor
     found_inf,       # fp32[1]: with AMP, nonzero skips the step: no sums, steps, factors or states are stored
     hyper,           # tuple of the rule's runtime scalars
+    lr_ptr,          # fp32[1]: the learning rate, read in place of hyper[0] (LR_TENSOR)
     num_tensors,     # segments 0 .. T - 1 are the tensors (not specialised: no recompile per bucket size)
     num_segments,
     NUM_SUMS: tl.constexpr,
@@ -242,6 +257,7 @@ def segment_sum_kernel(
     NUM_FACTORS: tl.constexpr = 0,
     ROWS_STEP: tl.constexpr = 128,    # rows whose factors ROW_FACTORS writes per step
     AMP: tl.constexpr = False,
+    LR_TENSOR: tl.constexpr = False,
 ):
     """A deterministic two-level sum, then the rule's finalize, in one launch.
 
@@ -263,9 +279,7 @@ def segment_sum_kernel(
         if tl.load(found_inf) != 0:  # a skipped step: the last step's sums and factors stay
             return
     group = tl.program_id(0)
-    hyper_fp32 = ()
-    for i in tl.static_range(len(hyper)):
-        hyper_fp32 = hyper_fp32 + (tl.cast(hyper[i], tl.float32),)
+    hyper_fp32 = _runtime_scalars(hyper, lr_ptr, LR_TENSOR)
     segment = tl.load(group_segment + group)
     begin = tl.load(segment_begin + segment)
     end = tl.load(segment_end + segment)

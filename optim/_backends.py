@@ -42,6 +42,14 @@ class Run:
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
     inv_grad_scale: float = 1.0  # the host executors' copy of 1 / grad_scale (host_amp)
+    #: a tensor learning rate (the group's "lr" is a tensor) as fp32[1] on the params' device, read by the kernels;
+    #: ``hyper[0]`` is then its 0-d view, for the torch code (the reference, the torch finalize)
+    lr: torch.Tensor | None = None
+
+    def kernel_hyper(self) -> tuple[float, ...]:
+        """The runtime scalars as the compiled kernels take them: floats, with a placeholder for a tensor lr (read
+        from ``lr`` on the device)."""
+        return self.hyper if self.lr is None else (0.0, *self.hyper[1:])
 
     def host_amp(self) -> tuple[bool, float]:
         """(skip the step, the inverse scale to multiply the grads by), read on the host by the executors that run

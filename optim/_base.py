@@ -123,7 +123,7 @@ class FusedOptimizer(Optimizer):
             # Same params with new storage (e.g. `p.data = ...`): keep the layout if it still fits.
             buckets = cached[1]
             if all(local(p).dtype == b.dtype and local(p).device == b.device and local(p).numel() == b.numels[i]
-                   for b in buckets for i, p in enumerate(b.params)):
+                   and local(p).stride() == b.tensors[i].stride() for b in buckets for i, p in enumerate(b.params)):
                 for b in buckets:
                     b.tensors = [local(p) for p in b.params]
                     b.param_ptrs = [t.data_ptr() for t in b.tensors]
@@ -173,7 +173,9 @@ class FusedOptimizer(Optimizer):
         amp = self._amp_inputs()
         runs: list[Run] = []
         for group in self.param_groups:
-            hyper, flags = self.group_scalars(group)
+            lr = group["lr"]
+            tensor_lr = isinstance(lr, torch.Tensor)
+            hyper, flags = self.group_scalars({**group, "lr": 0.0} if tensor_lr else group)  # never lr.item()
             for bucket in self._buckets(group):
                 grads = [p.grad for p in bucket.params]
                 active = tuple(i for i, g in enumerate(grads) if g is not None)
@@ -190,6 +192,9 @@ class FusedOptimizer(Optimizer):
                                 and g.device == device and g.shape == tensors[i].shape):
                             grads[i] = self._checked_grad(bucket, i, g)
                 run = Run(bucket, self.rule, active, grads, hyper, flags, group["maximize"])
+                if tensor_lr:
+                    run.lr = self._lr_on(bucket.device, lr)
+                    run.hyper = (run.lr.reshape(()), *hyper[1:])
                 if amp is not None:
                     run.grad_scale, run.found_inf = self._amp_on(bucket.device, *amp)
                 runs.append(run)
@@ -234,6 +239,15 @@ class FusedOptimizer(Optimizer):
         scale = one if grad_scale is None else grad_scale.to(device, torch.float32, non_blocking=True).reshape(1)
         found = zero if found_inf is None else found_inf.to(device, torch.float32, non_blocking=True).reshape(1)
         return scale, found
+
+    def _lr_on(self, device: torch.device, lr: torch.Tensor) -> torch.Tensor:
+        """A tensor lr as the kernels read it: fp32[1] on ``device``, a view when it is one already (the usual
+        torch.compile and CUDA-graph recipe: an fp32 0-d tensor on the params' device, which a scheduler updates in
+        place); otherwise a copy made on the device (a CPU lr for CUDA params: an async host-to-device copy)."""
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: a tensor lr must be a 1-element floating-point tensor, got "
+                             f"shape {tuple(lr.shape)} {lr.dtype}")
+        return lr.detach().to(device, torch.float32, non_blocking=True).reshape(1)
 
     def _checked_grad(self, bucket: Bucket, i: int, grad: torch.Tensor) -> torch.Tensor:
         """Param i's local gradient, checked as every kernel needs it before anything is written: dense, the

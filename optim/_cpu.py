@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -168,7 +168,36 @@ class CpuExecutor:
     warn_fallback_once = staticmethod(warn_fallback_once)
 
     def prepare_bucket(self, bucket: Bucket) -> None:
-        pass  # non-contiguous params are updated through a contiguous copy
+        pass  # params with gaps are updated through a contiguous copy
+
+    @staticmethod
+    def _staged(bucket: Bucket, indices: Sequence[int]) -> tuple[list[torch.Tensor], list[tuple[int, torch.Tensor]]]:
+        """The params as the C++ loop reads them, flat in their segments' order: a dense param (contiguous,
+        channels_last, ...) is a flat view of its own memory; one with gaps is a contiguous copy, also returned
+        with its index to be written back."""
+        staged, copies = [], []
+        for i in indices:
+            p = bucket.tensors[i]
+            if p.is_contiguous():
+                staged.append(p)
+            elif bucket.in_place[i]:
+                staged.append(p.as_strided((p.numel(),), (1,)))
+            else:
+                staged.append(p.contiguous())
+                copies.append((i, staged[-1]))
+        return staged, copies
+
+    @staticmethod
+    def _grads(run: Run) -> list[torch.Tensor]:
+        """The grads of the tensors stepped, flat in their params' segment order (a copy when in another one)."""
+        bucket = run.bucket
+        if bucket.contiguous:
+            return [run.grads[i].contiguous() for i in run.active]
+        out = []
+        for i in run.active:
+            g = bucket.in_order(i, run.grads[i])
+            out.append(g if g.is_contiguous() else g.as_strided((g.numel(),), (1,)))
+        return out
 
     def step(self, run: Run) -> None:
         """One call, ``<rule.cpu>_step``, over the tensors with a gradient. A rule with per-tensor statistics runs
@@ -178,8 +207,7 @@ class CpuExecutor:
         inside the last pass on ``bucket.states["slow_param"]``.
 
         The call validates everything before it writes anything, so a failed step leaves params and states as they
-        were. Non-contiguous grads are read through a contiguous copy (grads are never written); non-contiguous
-        params are updated through a contiguous copy that is written back.
+        were. Params and grads are read flat in their segments' memory order (``_staged``, ``_grads``).
         """
         bucket, rule, active = run.bucket, run.rule, run.active
         ext = extension()
@@ -187,15 +215,14 @@ class CpuExecutor:
         if skip:  # GradScaler found an inf or NaN: the step is not taken
             return
         bucket.advance_steps(active)
-        params = [bucket.tensors[i] for i in active]
-        staged = [p if p.is_contiguous() else p.contiguous() for p in params]
-        args = (staged, [run.grads[i].contiguous() for i in active],
+        staged, copies = self._staged(bucket, active)
+        args = (staged, self._grads(run),
                 [bucket.states[name] for name in bucket.rule_state_names], [bucket.offsets[i] for i in active],
-                bucket.steps, list(active), list(run.hyper), list(run.flags), run.maximize)
+                bucket.steps, list(active), list(run.kernel_hyper()), list(run.flags), run.maximize)
         sync = (None, None) if run.sync_rate is None else (bucket.states["slow_param"], run.sync_rate)
         kernel = getattr(ext, f"{rule.cpu}_step")
         if not rule.two_pass:
-            kernel(*args, *sync, inv_grad_scale=inv_grad_scale)
+            kernel(*args, *sync, inv_grad_scale=inv_grad_scale, lr=run.lr)
         else:
             segments = bucket.segments
             rows = [segments.row_lengths[i] or 0 for i in active]
@@ -204,14 +231,14 @@ class CpuExecutor:
             factors = torch.empty(segments.num_segments, len(rule.factor_names), dtype=torch.float32)
             tables = (rows, first_row, sums, factors, list(bucket.tensor_states.values()), CACHE_GROUP_ELEMENTS)
             if bucket.sharding is None:
-                kernel(*args, *tables, *sync, inv_grad_scale=inv_grad_scale)
+                kernel(*args, *tables, *sync, inv_grad_scale=inv_grad_scale, lr=run.lr)
             else:  # pass A's sums are partial: sum them over the ranks between the passes (rule.finalize_run)
-                kernel(*args, *tables, None, None, PHASE_PASS_A, inv_grad_scale=inv_grad_scale)
+                kernel(*args, *tables, None, None, PHASE_PASS_A, inv_grad_scale=inv_grad_scale, lr=run.lr)
                 factors = rule.finalize_run(run, sums).to(torch.float32).contiguous()
-                kernel(*args, *tables[:3], factors, *tables[4:], *sync, PHASE_PASS_B, inv_grad_scale=inv_grad_scale)
-        for p, s in zip(params, staged, strict=True):
-            if s is not p:
-                p.copy_(s)
+                kernel(*args, *tables[:3], factors, *tables[4:], *sync, PHASE_PASS_B, inv_grad_scale=inv_grad_scale,
+                       lr=run.lr)
+        for i, copy in copies:
+            bucket.tensors[i].copy_(copy)
         if rule.two_pass and bucket.sharding is None:
             self._keep_tables(run, sums, factors)
 
@@ -235,13 +262,11 @@ class CpuExecutor:
         never read), so the two agree bitwise."""
         if not indices:
             return
-        params = [bucket.tensors[i] for i in indices]
-        staged = [p if p.is_contiguous() else p.contiguous() for p in params]
+        staged, copies = self._staged(bucket, indices)
         extension().keep_step(staged, staged, [], [bucket.offsets[i] for i in indices], bucket.steps, list(indices),
                               [], [], False, bucket.states["slow_param"], sync_rate)
-        for p, s in zip(params, staged, strict=True):
-            if s is not p:
-                p.copy_(s)
+        for i, copy in copies:
+            bucket.tensors[i].copy_(copy)
 
 
 EXECUTOR = CpuExecutor()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,38 @@ def padded_offsets(numels: Sequence[int], align: int = SEGMENT_ALIGN) -> tuple[l
         offsets.append(total)
         total += -(-n // align) * align
     return offsets, total
+
+
+def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether these strides lay ``shape`` out without gaps or overlap, in some order of the dims."""
+    expected = 1
+    for d in sorted((d for d in range(len(shape)) if shape[d] != 1), key=lambda d: stride[d]):  # innermost first
+        if stride[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
+
+
+def memory_strides(tensor: torch.Tensor, rows_first: bool = False) -> tuple[int, ...]:
+    """The strides of tensor's flat state segments: its own when it is dense and non-overlapping (contiguous,
+    channels_last, any permutation), so that a param, its grad and its states share one memory order and the
+    kernels read all of them as flat arrays; contiguous strides otherwise (a view with gaps: read through a copy).
+    ``rows_first`` (AdamP's per-row statistics): only orders whose dim 0 is outermost, in which each row is one
+    contiguous range (channels_last keeps it); a transposed weight gets contiguous strides."""
+    shape, stride = tuple(tensor.shape), tuple(tensor.stride())
+    contiguous = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+    if tensor.is_contiguous() or not tensor.numel() or not _dense(shape, stride):
+        return contiguous
+    if rows_first and shape[0] != 1 and any(stride[d] > stride[0] for d in range(1, len(shape)) if shape[d] != 1):
+        return contiguous
+    return stride
+
+
+def same_memory_order(tensor: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether ``tensor`` (of the segment's shape) is laid out by ``strides`` (dense ones) but on dims of size 1,
+    which never move an address: its data pointer then addresses it in its segment's order."""
+    stride = tensor.stride()
+    return stride == strides or all(n == 1 or a == b for n, a, b in zip(tensor.shape, stride, strides, strict=True))
 
 
 def chunk_table_tensors(numels: Sequence[int], tensors: Sequence[int], block: int,
@@ -126,6 +159,9 @@ class Bucket:
     states: dict[str, torch.Tensor]
     steps: torch.Tensor
     param_ptrs: list[int]
+    strides: list[tuple[int, ...]] = field(default_factory=list)  # each segment's (memory_strides)
+    in_place: list[bool] = field(default_factory=list)  # tensor i is addressed in its segment's order
+    contiguous: bool = True  # every segment has contiguous strides (the grads' fast path)
     tensor_states: dict[str, torch.Tensor] = field(default_factory=dict)
     segments: SegmentLayout | None = None
     sums: torch.Tensor | None = None
@@ -142,8 +178,15 @@ class Bucket:
         self.steps.add_(1.0 if len(active) == len(self.params) else self.active_mask(active))
 
     def view(self, name: str, i: int) -> torch.Tensor:
-        """Tensor i's segment of state buffer ``name``, shaped like its local tensor."""
-        return self.states[name][self.offsets[i]:self.offsets[i] + self.numels[i]].view(self.tensors[i].shape)
+        """Tensor i's segment of state buffer ``name``, shaped like its local tensor and in its memory order."""
+        return self.states[name].as_strided(self.tensors[i].shape, self.strides[i], self.offsets[i])
+
+    def in_order(self, i: int, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (tensor i's grad) in tensor i's segment order: itself, or a copy (grads are never written)."""
+        if same_memory_order(tensor, self.strides[i]):
+            return tensor
+        return torch.empty_strided(tensor.shape, self.strides[i], dtype=tensor.dtype,
+                                   device=tensor.device).copy_(tensor)
 
     def active_mask(self, active: tuple[int, ...]) -> torch.Tensor:
         """fp32[T] on the bucket's device: 1 for the listed tensors, 0 for the others (cached per set)."""
@@ -167,6 +210,9 @@ def build_bucket(params: list[torch.Tensor], sharding: Sharding | None, executor
     states = {name: torch.zeros(total, dtype=rule.state_dtype(name, dtype), device=device) for name in names}
     bucket = Bucket(params, tensors, sharding, dtype, device, executor, names, rule_names, numels, offsets, states,
                     torch.zeros(len(params), dtype=torch.float32, device=device), [t.data_ptr() for t in tensors])
+    bucket.strides = [memory_strides(t, rule.two_pass and rule.row_statistics) for t in tensors]
+    bucket.in_place = [same_memory_order(t, s) for t, s in zip(tensors, bucket.strides, strict=True)]
+    bucket.contiguous = all(t.is_contiguous() for t in tensors)
     if rule.two_pass:
         bucket.tensor_states = {name: torch.zeros(len(params), dtype=torch.float32, device=device)
                                 for name in rule.tensor_states}

@@ -49,6 +49,9 @@ class Tables:
     """What the Triton executor keeps per bucket."""
 
     step_counters: torch.Tensor  # int32[T] zeros: the kernel counts each tensor's finished programs in it
+    staging: dict[int, torch.Tensor]  # a contiguous copy of each param with gaps, stepped in its place
+    param_ptrs: list[int]  # what the kernels update: the params' addresses, or their staging copies'
+    source_ptrs: list[int]  # the params' addresses these were made for (bucket.param_ptrs)
     chunks: dict[tuple[int, ...], ChunkTables] = field(default_factory=dict)
     step_pointers: PointerTable | None = None
     sync_pointers: PointerTable | None = None  # the sync pass reads the params in place of grads
@@ -67,16 +70,22 @@ class TritonExecutor:
         return reason
 
     def prepare_bucket(self, bucket: Bucket) -> None:
-        for p in bucket.tensors:
-            if not p.is_contiguous():
-                raise ValueError("the Triton backend needs contiguous params (the kernel addresses them through "
-                                 f"their data pointer); got one of shape {tuple(p.shape)} with strides {p.stride()}. "
-                                 "Pass a contiguous tensor or use backend='reference'")
+        pass  # params with gaps (bucket.in_place False) are stepped in a staging copy (Tables.staging)
 
     def step(self, run: Run) -> None:
+        bucket = run.bucket
+        # Grads in another memory order than their param's are read through a copy in its order (never written).
+        if bucket.contiguous:
+            grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
+        else:
+            grads = [g if g is None else bucket.in_order(i, g) for i, g in enumerate(run.grads)]
+        cache = _stage_in(bucket)
+        self._step(run, grads)
+        if cache.staging:
+            _stage_out(cache, bucket)
+
+    def _step(self, run: Run, grads: list[torch.Tensor | None]) -> None:
         bucket, rule = run.bucket, run.rule
-        # Non-contiguous grads are read through a contiguous copy (grads are never written).
-        grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
         tables = self._tables(bucket, run.active, [0 if g is None else g.data_ptr() for g in grads], "step")
         chunks = bucket.tables.chunks[run.active]
         if chunks.empty_active is not None:  # no program advances them (e.g. FSDP2's empty shards)
@@ -107,8 +116,8 @@ class TritonExecutor:
         finalize = None
         if on_device:
             factors = self._buffer(bucket.factors, (tables.sizes.segments, len(rule.factor_names)), run)
-            finalize = kernels.Finalize(rule.triton_finalize, tuple(run.flags), tuple(run.hyper),
-                                        tuple(bucket.tensor_states.values()), factors)
+            finalize = kernels.Finalize(rule.triton_finalize, tuple(run.flags), run.kernel_hyper(),
+                                        tuple(bucket.tensor_states.values()), factors, run.lr)
         kernels.launch_segment_sum(partials, tables, sums, bucket.steps, self._sum_tables(bucket), finalize,
                                    run.found_inf)
         if not on_device:
@@ -141,7 +150,13 @@ class TritonExecutor:
         return cache.sums
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
-        tables = self._tables(bucket, indices, bucket.param_ptrs, "sync")  # grads unread: the params
+        cache = _stage_in(bucket)
+        self._sync(bucket, indices, sync_rate)
+        if cache.staging:
+            _stage_out(cache, bucket)
+
+    def _sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
+        tables = self._tables(bucket, indices, bucket.tables.param_ptrs, "sync")  # grads unread: the params
         if tables.sizes.chunks:
             kernels.launch_step(SYNC_PASS.rule, (), tables, bucket.steps, bucket.tables.step_counters, (), (),
                                 bucket.dtype, False,
@@ -153,16 +168,15 @@ class TritonExecutor:
                 **kwargs: torch.Tensor | None) -> None:
         bucket = run.bucket
         kernels.launch_step(kernel_pass.rule, run.flags, tables, bucket.steps, bucket.tables.step_counters,
-                            [bucket.states[name] for name in bucket.rule_state_names], run.hyper, bucket.dtype,
+                            [bucket.states[name] for name in bucket.rule_state_names], run.kernel_hyper(), bucket.dtype,
                             run.maximize, store_param=kernel_pass.store_param,
                             store_state=kernel_pass.store_state, advance_steps=kernel_pass.advance_steps,
-                            amp=None if run.found_inf is None else (run.grad_scale, run.found_inf), **kwargs)
+                            amp=None if run.found_inf is None else (run.grad_scale, run.found_inf), lr=run.lr,
+                            **kwargs)
 
     @staticmethod
     def _tables(bucket: Bucket, active: tuple[int, ...], grad_ptrs: list[int], kind: str) -> kernels.Tables:
         """The tables for these tensors and grad addresses. Alignment is the kernel's business, per chunk."""
-        if bucket.tables is None:
-            bucket.tables = Tables(torch.zeros(len(bucket.params), dtype=torch.int32, device=bucket.device))
         cache: Tables = bucket.tables
         chunks = cache.chunks.get(active)
         if chunks is None:
@@ -174,10 +188,10 @@ class TritonExecutor:
             if len(cache.chunks) >= MAX_CHUNK_TABLES:  # bound the cache when grad sets keep changing
                 cache.chunks.pop(next(iter(cache.chunks)))
             cache.chunks[active] = chunks
-        key = (tuple(bucket.param_ptrs), tuple(grad_ptrs))
+        key = (tuple(cache.param_ptrs), tuple(grad_ptrs))
         pointers = cache.step_pointers if kind == "step" else cache.sync_pointers
         if pointers is None or pointers.key != key:
-            device = kernels.pack_pointers(bucket.param_ptrs, grad_ptrs, bucket.device,
+            device = kernels.pack_pointers(cache.param_ptrs, grad_ptrs, bucket.device,
                                            out=None if pointers is None else pointers.device)
             pointers = PointerTable(key, device)
             if kind == "step":
@@ -185,6 +199,32 @@ class TritonExecutor:
             else:
                 cache.sync_pointers = pointers
         return kernels.Tables(pointers.device, chunks.packed, chunks.sizes)
+
+
+def _stage_in(bucket: Bucket) -> Tables:
+    """The bucket's tables, made or refreshed when its params moved, with each param with gaps copied into its
+    staging copy (a view of a larger tensor: rare, and never a channels_last or permuted param, which are
+    addressed in place): two copies of that tensor a step, against a kernel that would need strides."""
+    cache: Tables | None = bucket.tables
+    ptrs = bucket.param_ptrs
+    if cache is None or cache.source_ptrs is not ptrs:  # a new list when the params move (_base.py)
+        staging = {i: torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                   for i, t in enumerate(bucket.tensors) if not bucket.in_place[i]}
+        param_ptrs = [staging[i].data_ptr() if i in staging else ptr for i, ptr in enumerate(ptrs)]
+        if cache is None:
+            cache = bucket.tables = Tables(torch.zeros(len(bucket.params), dtype=torch.int32, device=bucket.device),
+                                           staging, param_ptrs, ptrs)
+        else:
+            cache.staging, cache.param_ptrs, cache.source_ptrs = staging, param_ptrs, ptrs
+    for i, copy in cache.staging.items():
+        copy.copy_(bucket.tensors[i])
+    return cache
+
+
+def _stage_out(cache: Tables, bucket: Bucket) -> None:
+    """The staged params written back, once the kernels ran (a step that raised leaves the params as they were)."""
+    for i, copy in cache.staging.items():
+        bucket.tensors[i].copy_(copy)
 
 
 EXECUTOR = TritonExecutor()

@@ -13,7 +13,9 @@ def check_lr(lr: Any) -> None:
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError(f"lr must be a number or a 1-element tensor, got a tensor of shape {tuple(lr.shape)}")
-        lr = lr.item()
+        if not lr.is_floating_point():  # the kernels read it as fp32 on the params' device
+            raise ValueError(f"a tensor lr must be floating-point, got {lr.dtype}")
+        lr = lr.item()  # once, at construction: a step never reads it on the host
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise ValueError(f"lr must be a non-negative number, got {lr!r}")
     if not (math.isfinite(lr) and lr >= 0.0):

@@ -59,6 +59,7 @@ LR_ERRORS = (
     _rejects("lr must be a non-negative number, got '0.1'", lr="0.1"),
     _rejects("lr must be a non-negative number, got True", lr=True),
     _rejects("lr must be a number or a 1-element tensor, got a tensor of shape (2,)", lr=torch.tensor([0.1, 0.2])),
+    _rejects("a tensor lr must be floating-point, got torch.int64", lr=torch.tensor(1)),
 )
 
 

@@ -14,7 +14,7 @@ from devices import DEVICE
 
 from fusedoptim import FusedOptimizer
 
-PROFILES = ["ragged", "many_small", "two_groups", "misaligned"]
+PROFILES = ["ragged", "many_small", "two_groups", "misaligned", "memory_formats"]
 
 RAGGED_SHAPES = [(), (1,), (7,), (1023,), (1025,), (4097,), (33, 31)]
 
@@ -37,6 +37,31 @@ def _views(shapes, dtype, gen, offset, device):
     return out
 
 
+#: (shape, strides) of the "memory_formats" profile: channels_last, channels_last_3d (one with a channel dim of 1),
+#: a transposed weight (dense, dim 0 innermost: AdamP's rows are not contiguous in it), a view with gaps (a slice of
+#: a wider matrix) and two contiguous tensors.
+MEMORY_FORMATS = [
+    ((6, 3, 3, 3), (27, 1, 9, 3)),
+    ((6, 1, 3, 3), (9, 1, 3, 1)),
+    ((4, 2, 3, 3, 2), (36, 1, 12, 4, 2)),
+    ((9, 7), (1, 9)),
+    ((5, 8), (12, 1)),
+    ((7,), (1,)),
+    ((1025,), (1,)),
+]
+
+
+def _strided(layouts, dtype, gen, device):
+    """Tensors of these (shape, strides) carved from one buffer, each in its own range of it."""
+    spans = [1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) for shape, stride in layouts]
+    buf = torch.randn(sum(spans), generator=gen).to(dtype).to(device)
+    out, pos = [], 0
+    for (shape, stride), span in zip(layouts, spans, strict=True):
+        out.append(torch.as_strided(buf, shape, stride, pos))
+        pos += span
+    return out
+
+
 def make_profile(name: str, dtype: torch.dtype, seed: int = 0, device: torch.device = DEVICE) -> Profile:
     gen = torch.Generator().manual_seed(seed)
     misaligned = name == "misaligned"
@@ -46,9 +71,12 @@ def make_profile(name: str, dtype: torch.dtype, seed: int = 0, device: torch.dev
         shapes = [[(1 + (i * 7) % 40,) for i in range(200)]]
     elif name == "two_groups":
         shapes = [[(7,), (1025,), (5, 3)], [(1,), (4097,)]]
-    else:
+    elif name != "memory_formats":
         raise ValueError(name)
-    groups = [_views(s, dtype, gen, 1 if misaligned else 0, device) for s in shapes]
+    if name == "memory_formats":
+        groups = [_strided(MEMORY_FORMATS, dtype, gen, device)]
+    else:
+        groups = [_views(s, dtype, gen, 1 if misaligned else 0, device) for s in shapes]
 
     def grads(step: int, params: list[list[torch.Tensor]]) -> list[list[torch.Tensor | None]]:
         g = torch.Generator().manual_seed(seed * 1000 + step)
@@ -60,6 +88,12 @@ def make_profile(name: str, dtype: torch.dtype, seed: int = 0, device: torch.dev
                 last = group[-1]
                 row[-1] = torch.randn(last.shape[::-1], generator=g).to(dtype).to(device).t()
                 assert not row[-1].is_contiguous()
+            elif name == "memory_formats":
+                # grads in their param's memory order on odd steps, contiguous (another order) on even ones
+                row = [torch.randn(p.shape, generator=g).to(dtype).to(device) for p in group]
+                if step % 2:
+                    row = [torch.empty_like(p).copy_(r) for p, r in zip(group, row, strict=True)]  # p's strides
+                    assert row[0].is_contiguous(memory_format=torch.channels_last) and not row[0].is_contiguous()
             else:
                 row = [torch.randn(p.shape, generator=g).to(dtype).to(device) for p in group]
             if gi == 0 and step in (2, 4):
@@ -83,7 +117,7 @@ def clone_groups(groups: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
 def set_grads(groups, grads) -> None:
     for group, row in zip(groups, grads, strict=True):
         for p, g in zip(group, row, strict=True):
-            p.grad = None if g is None else g.clone() if g.is_contiguous() else g.t().clone().t()
+            p.grad = None if g is None else g.clone()  # a clone keeps a dense tensor's strides
 
 
 def param_groups(case_kwargs_group2, groups):

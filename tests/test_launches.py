@@ -134,14 +134,18 @@ def _device_launches(opt, params, grads) -> tuple[int, dict[str, int]]:
     return sum(LAUNCH_COUNTS.values()) - before, dict(ops)
 
 
+@pytest.mark.parametrize("variant", ["contiguous", "channels_last", "tensor_lr"])
 @pytest.mark.parametrize("amp", [False, True], ids=["plain", "gradscaler"])
 @pytest.mark.parametrize("case", FIRST_CASES, ids=lambda c: c.name)
-def test_device_launches_per_step(case, amp):
+def test_device_launches_per_step(case, amp, variant):
     """GradScaler's scale and found_inf (as torch.amp.GradScaler hands them to step()) add no launch: the kernels
-    read them."""
-    params = [torch.randn(7), torch.randn(33, 31), torch.randn(1025)]
+    read them, as they read a tensor lr. A channels_last param (with its grad, as autograd makes it) is addressed
+    in place: no copy."""
+    middle = torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last) if variant == "channels_last" else (
+        torch.randn(33, 31))
+    params = [torch.randn(7), middle, torch.randn(1025)]
     grads = [torch.randn_like(p) for p in params]
-    opt = case.make(params, backend="triton")
+    opt = case.make(params, backend="triton", **({"lr": torch.tensor(1e-3)} if variant == "tensor_lr" else {}))
     if amp:
         opt.grad_scale, opt.found_inf = torch.full((), 2.0**16), torch.zeros(())
     _device_launches(opt, params, grads)  # lay out, build the tables

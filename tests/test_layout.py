@@ -132,3 +132,48 @@ def test_bytes_model_matches_design_minimums():
     for opt, fp32_bytes in ((LARS(p, momentum=0.9), 28), (LAMB(p), 40), (RaLars(p), 40), (AdamP(p), 40),
                             (TAdam(p), 40)):
         assert opt.bytes_per_param(opt.param_groups[0], torch.float32) == fp32_bytes, type(opt).__name__
+
+
+@pytest.mark.parametrize(("shape", "stride", "rows_first", "expected"), [
+    ((6, 3, 3, 3), (27, 1, 9, 3), False, (27, 1, 9, 3)),   # channels_last: its own strides
+    ((6, 3, 3, 3), (27, 1, 9, 3), True, (27, 1, 9, 3)),    # dim 0 outermost: each row one range
+    ((6, 1, 3, 3), (9, 1, 3, 1), True, (9, 9, 3, 1)),      # a channel dim of 1: contiguous, as torch says
+    ((9, 7), (1, 9), False, (1, 9)),                       # transposed: dense, dim 0 innermost
+    ((9, 7), (1, 9), True, (7, 1)),                        # ... whose rows are not ranges: contiguous
+    ((5, 8), (12, 1), False, (8, 1)),                      # a slice of a wider matrix: gaps, contiguous
+    ((4, 4), (2, 1), False, (4, 1)),                       # overlapping: contiguous
+    ((3, 1, 4), (4, 99, 1), False, (4, 4, 1)),             # contiguous but for a size-1 dim
+])
+def test_segments_take_the_params_memory_order_when_dense(shape, stride, rows_first, expected):
+    import torch
+
+    from fusedoptim._layout import memory_strides, same_memory_order
+
+    tensor = torch.empty(200).as_strided(shape, stride)
+    assert memory_strides(tensor, rows_first) == expected
+    # in place (addressed through its data pointer in its segment's order) exactly when dense in that order
+    dense_in_order = expected == stride or tensor.is_contiguous() and expected == tuple(torch.empty(shape).stride())
+    assert same_memory_order(tensor, expected) == dense_in_order
+
+
+def test_state_of_a_channels_last_param_is_channels_last_and_loads_into_any_layout():
+    """torch.optim keeps a channels_last param's states channels_last (zeros_like); so does the flat buffer, and a
+    checkpoint loads into a contiguous param's optimizer (values, not strides, are the state)."""
+    import torch
+
+    from fusedoptim import LAMB
+
+    weight = torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last)
+    opt = LAMB([weight], lr=1e-2)
+    weight.grad = torch.randn_like(weight)
+    opt.step()
+    (bucket,) = opt.bucket_layout()
+    assert bucket.in_place == [True]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[weight][name].stride() == weight.stride()
+    other = weight.detach().contiguous()
+    opt2 = LAMB([other], lr=1e-2, backend="reference")
+    opt2.load_state_dict(opt.state_dict())
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert opt2.state[other][name].is_contiguous()
+        assert torch.equal(opt2.state[other][name], opt.state[weight][name])

@@ -37,8 +37,13 @@ LR_CHANGE_AT = 4  # an LR change mid-run must take effect without recompiling an
 # The interpreter pays ~10 ms of Python per tiny tensor per step, so at scale we run the first case of each
 # optimizer for 3 steps (which still includes a step where one param has no gradient).
 _SCALE_CASES = FIRST_CASES
-RUNS = [("triton", case, profile, STEPS) for case in CASES for profile in PROFILES if profile != "many_small"]
+# Memory formats: the first case of each optimizer and AdamP's others (its rows), 4 steps (both grad layouts twice).
+_FORMAT_CASES = [case for case in CASES
+                 if case in FIRST_CASES or case.cls.rule.two_pass and case.cls.rule.row_statistics]
+_SPECIAL = ("many_small", "memory_formats")
+RUNS = [("triton", case, profile, STEPS) for case in CASES for profile in PROFILES if profile not in _SPECIAL]
 RUNS += [("triton", case, "many_small", 3) for case in _SCALE_CASES]
+RUNS += [("triton", case, "memory_formats", 4) for case in _FORMAT_CASES]
 # The C++ kernels take milliseconds, not seconds: every case on every profile.
 RUNS += [("cpu", case, profile, STEPS) for case in CASES for profile in PROFILES if case.cls.rule.cpu]
 
