@@ -56,6 +56,13 @@ class FusedOptimizer(Optimizer):
         self._slow_attached = False  # a Lookahead keeps its slow weights in our buckets (attach_slow_weights)
         self._pending_sync: torch.Tensor | None = None
         super().__init__(params, defaults)
+        self._register()
+
+    def _register(self) -> None:
+        from . import _compile
+
+        self._handle = id(self)  # how a compiled step's op finds this optimizer (a copy registers itself)
+        _compile.OPTIMIZERS[self._handle] = self
 
     # ----------------------------------------------------------------- what a param group means to the rule
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
@@ -169,8 +176,30 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():  # one custom op, traced with its inputs (optim/_compile.py)
+            self._compiled_step()
+        else:
+            self._eager_step()
+        return loss
+
+    def _compiled_step(self) -> None:
+        """The step under torch.compile: one ``fusedoptim::step`` op over what Dynamo can see (optim/_compile.py).
+        The flat buffers exist once the buckets are laid out (the first step, eager or compiled: the one
+        recompile of a warm-up)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        lrs = [group["lr"] for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
+        states = []
+        for cached in self._layouts.values():
+            for bucket in cached[1]:
+                states.extend(bucket.states.values())
+                states.append(bucket.steps)
+                states.extend(bucket.tensor_states.values())
+        torch.ops.fusedoptim.step(self._handle, params, [p.grad for p in params], states, lrs,
+                                  getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+
+    def _eager_step(self, amp: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> None:
         # Phase 1: everything that can fail, before any param or state is written.
-        amp = self._amp_inputs()
+        amp = self._amp_inputs(*(amp or ()))
         runs: list[Run] = []
         for group in self.param_groups:
             lr = group["lr"]
@@ -213,12 +242,15 @@ class FusedOptimizer(Optimizer):
             if sync_rate is not None and not all_active:  # params without a gradient are synced too
                 inactive = tuple(sorted(set(range(len(bucket.params))) - set(run.active)))
                 bucket.executor.sync(bucket, inactive, run.sync_rate)
-        return loss
 
-    def _amp_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    def _amp_inputs(self, *given: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         """``torch.amp.GradScaler`` sets ``grad_scale`` (None once the grads were unscaled by ``unscale_``) and
-        ``found_inf`` on an optimizer that declares ``_step_supports_amp_scaling`` before calling ``step()``."""
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        ``found_inf`` on an optimizer that declares ``_step_supports_amp_scaling`` before calling ``step()``
+        (``given``: the two as a compiled step's op received them)."""
+        if given:
+            grad_scale, found_inf = given
+        else:
+            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if grad_scale is None and found_inf is None:
             return None
         for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
@@ -348,6 +380,7 @@ class FusedOptimizer(Optimizer):
         super().__setstate__(state)
         self._layouts = {}  # rebuilt, adopting `self.state`, at the next step
         self._pending_sync = None
+        self._register()
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_slow_attached", False)
         for group in self.param_groups:

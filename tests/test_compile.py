@@ -1,0 +1,130 @@
+"""torch.compile: a fused step is one ``fusedoptim::step`` custom op (optim/_compile.py), so ``torch.compile(opt.step,
+fullgraph=True)`` traces it whole on every backend, and a tensor lr changed every step compiles nothing new."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from cases import FIRST_CASES, case_named
+from torch._dynamo.utils import counters
+
+# torch._inductor warns as it is imported (torch.jit.script_method in torch.utils.mkldnn): torch's, not a step's
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+SHAPES = [(7,), (33, 31), (4, 3, 2, 2)]
+WARM_UP = 2  # the first step lays the buckets out: the second one traces again with the flat buffers
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    import torch._inductor.compile_fx  # noqa: F401 - imported here: its import warns (torch's DeprecationWarnings)
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _compiled_vs_eager(case, backend, steps=5):
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in SHAPES]
+    compiled_params, eager_params = [p.clone() for p in start], [p.clone() for p in start]
+    opt = case.make(compiled_params, backend=backend, lr=torch.tensor(1e-2))
+    eager = case.make(eager_params, backend=backend, lr=torch.tensor(1e-2))
+    step = torch.compile(opt.step, fullgraph=True)
+    graphs = []
+    for _ in range(steps):
+        for p, q in zip(compiled_params, eager_params, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        step()
+        eager.step()
+        for o in (opt, eager):
+            o.param_groups[0]["lr"].mul_(0.7)  # in place: the tensor the graph reads
+        graphs.append(_graphs())
+    return compiled_params, eager_params, opt, eager, graphs
+
+
+_RUNS = [(case, "cpu") for case in FIRST_CASES]
+_RUNS += [(case_named(name), backend) for name in ("adabelief", "lamb", "adamp") for backend in ("triton", "reference")]
+
+
+@pytest.mark.parametrize(("case", "backend"), [pytest.param(c, b, id=f"{c.name}-{b}") for c, b in _RUNS])
+def test_compiled_step_is_one_graph_and_equals_the_eager_step(case, backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Dynamo does not know how to trace the builtin ..." and the like
+        compiled, eager, opt, eager_opt, graphs = _compiled_vs_eager(case, backend)
+    for a, b in zip(compiled, eager, strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(compiled, eager, strict=True):
+        for name, value in eager_opt.state[q].items():
+            assert torch.equal(opt.state[p][name], value), name
+    assert graphs[WARM_UP - 1] == graphs[-1], f"graphs per step {graphs}: a tensor lr change recompiled"
+
+
+def test_a_compiled_training_step_that_calls_step():
+    """Forward, backward, step and zero_grad in one compiled function: Dynamo breaks at backward and at zero_grad,
+    as it does with torch's optimizers, never in the step, and compiles nothing after warm-up whatever the lr does."""
+    case = case_named("lamb")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    twin.load_state_dict(model.state_dict())
+    opt = case.make(model.parameters(), backend="cpu", lr=torch.tensor(1e-2))
+    twin_opt = case.make(twin.parameters(), backend="cpu", lr=torch.tensor(1e-2))
+    x = torch.randn(32, 8)
+
+    def train_step(net, optimizer):
+        loss = net(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    compiled = torch.compile(train_step)
+    graphs = []
+    for _ in range(5):
+        compiled(model, opt)
+        train_step(twin, twin_opt)
+        for o in (opt, twin_opt):
+            o.param_groups[0]["lr"].mul_(0.5)
+        graphs.append(_graphs())
+    assert graphs[WARM_UP] == graphs[-1], graphs
+    breaks = list(counters["graph_break"])
+    # torch's own breaks only, as with torch.optim: backward, and zero_grad (torch marks it not to be traced)
+    assert breaks and all("Tensor.backward()" in r or "Optimizer.zero_grad" in r for r in breaks), breaks
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the compiled forward may round differently
+
+
+def test_a_compiled_step_takes_gradscalers_scale_and_found_inf():
+    """GradScaler sets grad_scale and found_inf on the optimizer before step(); the compiled step passes them to the
+    op (Dynamo writes attributes back after the graph): a scaled step equals the plain one, an inf one is skipped."""
+    case = case_named("adabelief")
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in SHAPES]
+    scaled, plain = [p.clone() for p in start], [p.clone() for p in start]
+    opt, eager = case.make(scaled, backend="cpu"), case.make(plain, backend="cpu")
+
+    def step(optimizer, grad_scale, found_inf):
+        optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
+        optimizer.step()
+
+    compiled = torch.compile(step, fullgraph=True)
+    for found in (0.0, 1.0, 0.0):
+        grads = [torch.randn(p.shape, generator=gen) for p in start]
+        for p, q, g in zip(scaled, plain, grads, strict=True):
+            p.grad, q.grad = g * 1024.0, g.clone()
+        before = [p.clone() for p in scaled]
+        compiled(opt, torch.tensor(1024.0), torch.tensor(found))
+        if found:
+            assert all(torch.equal(p, b) for p, b in zip(scaled, before, strict=True))
+        else:
+            eager.step()
+            assert all(torch.equal(p, q) for p, q in zip(scaled, plain, strict=True))
