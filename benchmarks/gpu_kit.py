@@ -5,7 +5,8 @@ into ONE folder (default ``benchmarks/results/gpu-kit-<date>-<shortcommit>/``):
 
 1. ``parity``: tests/test_parity.py on CUDA tensors (``FUSEDOPTIM_TEST_DEVICE=cuda``): the compiled Triton kernels
    against the reference on the same device, fp32 and bf16 params (the C++ runs are collected as skipped);
-2. ``wrappers``: tests/test_wrappers.py (Lookahead, Scout) on CUDA tensors;
+2. ``wrappers``: tests/test_wrappers.py (Lookahead, Scout) and tests/test_capturable.py (a capturable step captured
+   in a CUDA graph and replayed against eager steps) on CUDA tensors;
 3. ``benchmark``: ``python -m benchmarks`` on the ResNet-50 and GPT-2 small profiles, fp32 and bf16, the Triton
    steps against torch's fused AdamW, timed with CUDA events;
 4. ``host``: ``python -m benchmarks.host --real``, the host cost of a Triton step with real launches.
@@ -104,7 +105,7 @@ def plan(out: Path, device: str, quick: bool) -> list[Part]:
 
     def pytest_part(name: str, title: str, target: str, select: str | None) -> Part:
         junit = f"{name}.junit.xml"
-        argv = ["-m", "pytest", "-x", "-q", target, *(["-k", select] if select else []), *_workers(quick),
+        argv = ["-m", "pytest", "-x", "-q", *target.split(), *(["-k", select] if select else []), *_workers(quick),
                 f"--junitxml={out / junit}"]
         return Part(name, title, argv, limits[name], test_env, junit)
 
@@ -127,7 +128,8 @@ def plan(out: Path, device: str, quick: bool) -> list[Part]:
     impl = timed_impl(device)
     return [
         pytest_part("parity", "Triton vs reference, registry cases", "tests/test_parity.py", parity),
-        pytest_part("wrappers", "Lookahead and Scout", "tests/test_wrappers.py", wrappers),
+        pytest_part("wrappers", "Lookahead, Scout and CUDA-graph capture",
+                    "tests/test_wrappers.py tests/test_capturable.py", wrappers),
         Part("benchmark", f"{impl} vs torch fused AdamW",
              ["-m", "benchmarks", "--device", device, *bench, "--impls", impl, "--out", str(out), "--no-progress"],
              limits["benchmark"], bench_env),

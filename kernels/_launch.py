@@ -212,7 +212,7 @@ class SumTables(NamedTuple):
 
 def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tensor, steps: torch.Tensor,
                        sum_tables: SumTables, finalize: Finalize | None = None,
-                       found_inf: torch.Tensor | None = None) -> None:
+                       found_inf: torch.Tensor | None = None, group_sums: torch.Tensor | None = None) -> None:
     """sums[s, k] = the partials of segment s's chunks, added in a fixed order; the steps of the tensors pass A
     covered advance by 1; with ``finalize``, the factors of every segment and the per-tensor states of the covered
     tensors, in the same launch. A nonzero ``found_inf`` (fp32[1], GradScaler's) stores nothing."""
@@ -222,9 +222,12 @@ def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tenso
     tensors += [] if finalize is None or finalize.lr is None else [finalize.lr]
     check_devices(sums.device, tables=tables.chunks, tensors=tensors)
     segment_begin, segment_end, *_, segment_group, group_segment = split_tables(tables)[3:]
-    # one group per segment: no group sums are stored, and partials stands in for them
-    group_sums = partials if tables.sizes.groups == tables.sizes.segments else torch.empty(
-        tables.sizes.groups, partials.shape[1], dtype=torch.float32, device=sums.device)
+    # one group per segment: no group sums are stored, and partials stands in for them; ``group_sums``: the
+    # caller's [groups, num_sums] scratch, kept between steps (else one is allocated)
+    if tables.sizes.groups == tables.sizes.segments:
+        group_sums = partials
+    elif group_sums is None:
+        group_sums = torch.empty(tables.sizes.groups, partials.shape[1], dtype=torch.float32, device=sums.device)
     amp = found_inf is not None
     lr = None if finalize is None else finalize.lr
     if finalize is None:

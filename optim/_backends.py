@@ -45,6 +45,7 @@ class Run:
     #: a tensor learning rate (the group's "lr" is a tensor) as fp32[1] on the params' device, read by the kernels;
     #: ``hyper[0]`` is then its 0-d view, for the torch code (the reference, the torch finalize)
     lr: torch.Tensor | None = None
+    kernel_grads: list[torch.Tensor | None] | None = None  # the grads as the Triton kernels read them, once checked
 
     def kernel_hyper(self) -> tuple[float, ...]:
         """The runtime scalars as the compiled kernels take them: floats, with a placeholder for a tensor lr (read
@@ -80,6 +81,10 @@ class Executor(Protocol):
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
         """Lookahead's sync of the listed tensors: slow ← slow + rate·(θ − slow); θ ← slow."""
+
+    def check_capturable(self, run: Run, owner: str) -> None:
+        """capturable=True: raise (RuntimeError, before anything is written) if this step would change what a
+        captured graph holds: tables, addresses. The host executors hold nothing a graph captures."""
 
 
 def executor(name: str) -> Executor:

@@ -48,10 +48,14 @@ class FusedOptimizer(Optimizer):
     rule: ClassVar[Rule]
     _step_supports_amp_scaling: ClassVar[bool] = True
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(capturable, bool):
+            raise ValueError(f"capturable must be True or False, got {capturable!r}")
         self.backend = backend
+        self.capturable = capturable
         self._layouts: dict[int, tuple[tuple, list[Bucket]]] = {}
         self._slow_attached = False  # a Lookahead keeps its slow weights in our buckets (attach_slow_weights)
         self._pending_sync: torch.Tensor | None = None
@@ -113,6 +117,20 @@ class FusedOptimizer(Optimizer):
                 if self.backend != "auto":  # a named backend refuses at once what it cannot run (without building)
                     select(self.backend, self.rule, p.device, p.dtype, type(self).__name__, build=False)
         super().add_param_group(param_group)
+        if self.capturable:
+            self._device_lr(self.param_groups[-1])
+
+    def _device_lr(self, group: dict[str, Any]) -> None:
+        """capturable: the group's lr as a 0-d fp32 tensor on its params' device, which a scheduler fills in place
+        and a captured graph reads at each replay (a float would be baked into the graph)."""
+        lr, params = group["lr"], group["params"]
+        device = params[0].device if params else torch.device("cpu")
+        if not isinstance(lr, torch.Tensor):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        elif lr.device != device or lr.dtype != torch.float32:
+            raise ValueError(f"{type(self).__name__}(capturable=True): a tensor lr must be an fp32 tensor on the "
+                             f"params' device ({device}), got {lr.dtype} on {lr.device}: a copy at each step would "
+                             "be a host-to-device transfer inside the graph")
 
     def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
         """The group's buckets, built on first use and rebuilt (state adopted) when the params change."""
@@ -126,6 +144,11 @@ class FusedOptimizer(Optimizer):
         key = (names, tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(id, params)))
         if cached is not None and cached[0] == key:
             return cached[1]
+        if cached is not None and self.capturable:
+            raise RuntimeError(f"{type(self).__name__}(capturable=True): a param of this group moved (new storage, "
+                               "e.g. `p.data = ...`) or the group's params changed since its buckets were laid out; "
+                               "a captured step would write the old addresses. Keep params in place, or build a "
+                               "new optimizer")
         if cached is not None and cached[0][0] == names and cached[0][2] == key[2]:
             # Same params with new storage (e.g. `p.data = ...`): keep the layout if it still fits.
             buckets = cached[1]
@@ -224,6 +247,8 @@ class FusedOptimizer(Optimizer):
                 if tensor_lr:
                     run.lr = self._lr_on(bucket.device, lr)
                     run.hyper = (run.lr.reshape(()), *hyper[1:])
+                if self.capturable:
+                    bucket.executor.check_capturable(run, type(self).__name__)
                 if amp is not None:
                     run.grad_scale, run.found_inf = self._amp_on(bucket.device, *amp)
                 runs.append(run)
@@ -370,11 +395,15 @@ class FusedOptimizer(Optimizer):
         for p, entry in adopted.items():
             self.state[p] = entry
         self._layouts = {}
+        if self.capturable:
+            for group in self.param_groups:
+                self._device_lr(group)
         self.bucket_layout()  # adopt now, so `optimizer.state` shows the loaded values at once
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; the flat buffers are rebuilt from `state`.
-        return {**super().__getstate__(), "backend": self.backend, "_slow_attached": self._slow_attached}
+        return {**super().__getstate__(), "backend": self.backend, "_slow_attached": self._slow_attached,
+                "capturable": self.capturable}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -383,5 +412,6 @@ class FusedOptimizer(Optimizer):
         self._register()
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_slow_attached", False)
+        self.__dict__.setdefault("capturable", False)
         for group in self.param_groups:
             group.setdefault("maximize", False)

@@ -156,6 +156,9 @@ PHASE_PASS_A, PHASE_PASS_B = 1, 2
 class CpuExecutor:
     name = "cpu"
 
+    def check_capturable(self, run: Run, owner: str) -> None:
+        pass  # a host path: nothing of it is captured in a CUDA graph, and its results equal a normal step's
+
     def unavailable(self, rule: Rule, device: torch.device, dtype: torch.dtype, *, build: bool = True) -> str | None:
         if rule.cpu is None:
             return "this optimizer has no C++ kernel yet"

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 class ReferenceExecutor:
     name = "reference"
 
+    def check_capturable(self, run: Run, owner: str) -> None:
+        pass  # a host path: nothing of it is captured in a CUDA graph, and its results equal a normal step's
+
     def unavailable(self, rule: Rule, device: torch.device, dtype: torch.dtype, *, build: bool = True) -> None:
         return None  # torch runs anywhere
 

@@ -34,6 +34,8 @@ class ChunkTables:
     packed: torch.Tensor
     sizes: kernels.TableSizes
     empty_active: torch.Tensor | None  # fp32[T] mask of the tensors listed that have no element (no program)
+    partials: torch.Tensor | None = None  # pass A's [chunks, num_sums] sums, kept: a step allocates nothing
+    group_sums: torch.Tensor | None = None  # the segment sum's scratch, kept likewise
 
 
 @dataclass
@@ -72,13 +74,40 @@ class TritonExecutor:
     def prepare_bucket(self, bucket: Bucket) -> None:
         pass  # params with gaps (bucket.in_place False) are stepped in a staging copy (Tables.staging)
 
+    @staticmethod
+    def _kernel_grads(run: Run) -> list[torch.Tensor | None]:
+        """The grads as the kernels read them: grads in another memory order than their param's through a copy in
+        its order (grads are never written)."""
+        bucket = run.bucket
+        if bucket.contiguous:
+            return [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
+        return [g if g is None else bucket.in_order(i, g) for i, g in enumerate(run.grads)]
+
+    def check_capturable(self, run: Run, owner: str) -> None:
+        """After the first step (the warm-up, outside any graph, which builds the tables) a capturable step must
+        find its chunk table and grad addresses as they were: a captured graph replays the copies and launches
+        with the addresses it saw."""
+        bucket = run.bucket
+        cache: Tables | None = bucket.tables
+        if cache is None or cache.step_pointers is None:
+            return
+        prefix = f"{owner}(capturable=True)"
+        if run.active not in cache.chunks:
+            raise RuntimeError(f"{prefix}: the set of params with a gradient changed ({len(run.active)} of "
+                               f"{len(bucket.params)} now): a captured step would update the old set")
+        run.kernel_grads = self._kernel_grads(run)
+        grad_ptrs = tuple(0 if g is None else g.data_ptr() for g in run.kernel_grads)
+        if cache.step_pointers.key[1] != grad_ptrs:
+            moved = next(i for i, (a, b) in enumerate(zip(cache.step_pointers.key[1], grad_ptrs, strict=True))
+                         if a != b)
+            raise RuntimeError(f"{prefix}: the gradient of param {moved} of shape {tuple(bucket.params[moved].shape)} "
+                               "moved since the last step (a new tensor, or a copy because it is not in its param's "
+                               "memory order); a captured step would read the old address. Keep grads in place: "
+                               "zero_grad(set_to_none=False), or backward into static grads")
+
     def step(self, run: Run) -> None:
         bucket = run.bucket
-        # Grads in another memory order than their param's are read through a copy in its order (never written).
-        if bucket.contiguous:
-            grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
-        else:
-            grads = [g if g is None else bucket.in_order(i, g) for i, g in enumerate(run.grads)]
+        grads = run.kernel_grads if run.kernel_grads is not None else self._kernel_grads(run)
         cache = _stage_in(bucket)
         self._step(run, grads)
         if cache.staging:
@@ -110,7 +139,9 @@ class TritonExecutor:
         # The segment sum writes every segment (0 for the empty ones), so the last step's sums and factors buffers
         # are reused: no fill launch, no allocation; a step GradScaler skips leaves them as they were.
         sums = self._buffer(bucket.sums, shape, run)
-        partials = torch.empty(tables.sizes.chunks, rule.num_sums, dtype=torch.float32, device=bucket.device)
+        if chunks.partials is None or chunks.partials.shape[1] != rule.num_sums:  # once per set: no allocation a step
+            chunks.partials = torch.empty(tables.sizes.chunks, rule.num_sums, dtype=torch.float32, device=bucket.device)
+        partials = chunks.partials
         self._launch(run, tables, rule.kernel_passes()[0], partials=partials)
         on_device = rule.triton_finalize is not None and bucket.sharding is None and chunks.empty_active is None
         finalize = None
@@ -118,8 +149,11 @@ class TritonExecutor:
             factors = self._buffer(bucket.factors, (tables.sizes.segments, len(rule.factor_names)), run)
             finalize = kernels.Finalize(rule.triton_finalize, tuple(run.flags), run.kernel_hyper(),
                                         tuple(bucket.tensor_states.values()), factors, run.lr)
+        if chunks.group_sums is None and tables.sizes.groups != tables.sizes.segments:
+            chunks.group_sums = torch.empty(tables.sizes.groups, rule.num_sums, dtype=torch.float32,
+                                            device=bucket.device)
         kernels.launch_segment_sum(partials, tables, sums, bucket.steps, self._sum_tables(bucket), finalize,
-                                   run.found_inf)
+                                   run.found_inf, group_sums=chunks.group_sums)
         if not on_device:
             return rule.finalize_run(run, sums)
         bucket.sums, bucket.factors = sums, finalize.factors

@@ -66,6 +66,7 @@ class AdaBelief(FusedOptimizer):
         decoupled_weight_decay: decay the weights directly (AdamW-style) instead of L2 (default: False).
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        capturable: a step CUDA graphs can capture (docs/design.md#capturable-steps) (default: False).
 
     State: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (s), and ``max_exp_avg_sq`` with ``amsgrad``.
     """
@@ -76,11 +77,12 @@ class AdaBelief(FusedOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
-                 decoupled_weight_decay: bool = False, maximize: bool = False, backend: Backend = "auto") -> None:
+                 decoupled_weight_decay: bool = False, maximize: bool = False, backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         check_adam(lr, betas, 2, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize))
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]

@@ -136,6 +136,7 @@ class AdamP(FusedOptimizer):
         nesterov: Nesterov momentum (default: False).
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        capturable: a step CUDA graphs can capture (docs/design.md#capturable-steps) (default: False).
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``, and ``max_exp_avg_sq`` with ``amsgrad``. Factors per tensor
     and per row: ``projection`` (the coefficient of θ removed from the update), ``decay``.
@@ -152,13 +153,14 @@ class AdamP(FusedOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, delta: float = 0.1, *,
                  wd_ratio: float = 0.1, nesterov: bool = False, maximize: bool = False,
-                 backend: Backend = "auto") -> None:
+                 backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         check_adam(lr, betas, 2, eps, weight_decay)
         check_non_negative("delta", delta)
         check_non_negative("wd_ratio", wd_ratio)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         delta=delta, wd_ratio=wd_ratio, nesterov=bool(nesterov), maximize=bool(maximize))
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]

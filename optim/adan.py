@@ -76,6 +76,7 @@ class Adan(FusedOptimizer):
         no_prox: decay multiplicatively before the step instead of the proximal division (default: False).
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        capturable: a step CUDA graphs can capture (docs/design.md#capturable-steps) (default: False).
 
     State: ``step``, ``exp_avg`` (m), ``exp_avg_diff`` (v), ``exp_avg_sq`` (n), ``prev_grad`` (in the param dtype:
     a copy of the gradient, which that dtype holds exactly), and ``max_exp_avg_sq`` with ``amsgrad``.
@@ -88,11 +89,12 @@ class Adan(FusedOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *, no_prox: bool = False,
-                 maximize: bool = False, backend: Backend = "auto") -> None:
+                 maximize: bool = False, backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         check_adam(lr, betas, 3, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         no_prox=bool(no_prox), maximize=bool(maximize))
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2, beta3 = group["betas"]

@@ -66,6 +66,7 @@ class AdEMAMix(FusedOptimizer):
         beta3_warmup: steps of the β3 warm-up, or None (default: None). Needs β1 > 0.
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        capturable: a step CUDA graphs can capture (docs/design.md#capturable-steps) (default: False).
 
     State: ``step``, ``exp_avg`` (m1), ``exp_avg_sq`` (ν), ``exp_avg_slow`` (m2).
     """
@@ -76,7 +77,8 @@ class AdEMAMix(FusedOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3,
                  betas: tuple[float, float, float] = (0.9, 0.999, 0.9999), alpha: float = 5.0, eps: float = 1e-8,
                  weight_decay: float = 0.0, *, alpha_warmup: int | None = None, beta3_warmup: int | None = None,
-                 maximize: bool = False, backend: Backend = "auto") -> None:
+                 maximize: bool = False, backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         check_adam(lr, betas, 3, eps, weight_decay)
         check_non_negative("alpha", alpha)
         check_warmup("alpha_warmup", alpha_warmup)
@@ -85,7 +87,7 @@ class AdEMAMix(FusedOptimizer):
             raise ValueError("beta3_warmup starts β3 at β1, so it needs betas[0] > 0")
         defaults = dict(lr=lr, betas=tuple(betas), alpha=alpha, eps=eps, weight_decay=weight_decay,
                         alpha_warmup=alpha_warmup, beta3_warmup=beta3_warmup, maximize=bool(maximize))
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2, beta3 = group["betas"]

@@ -82,6 +82,7 @@ class LAMB(FusedOptimizer):
         bias_correction: bias-correct the moments (default: True).
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        capturable: a step CUDA graphs can capture (docs/design.md#capturable-steps) (default: False).
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``. Factors: ``trust_ratio``.
     """
@@ -93,12 +94,13 @@ class LAMB(FusedOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, scale_clip: tuple[float, float] | None = None, *,
-                 bias_correction: bool = True, maximize: bool = False, backend: Backend = "auto") -> None:
+                 bias_correction: bool = True, maximize: bool = False, backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         check_adam(lr, betas, 2, eps, weight_decay)
         scale_clip = check_scale_clip(scale_clip)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, scale_clip=scale_clip,
                         bias_correction=bool(bias_correction), maximize=bool(maximize))
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]

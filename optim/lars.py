@@ -77,6 +77,7 @@ class LARS(FusedOptimizer):
         trust_coefficient: η (default: 1.0).
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        capturable: a step CUDA graphs can capture (docs/design.md#capturable-steps) (default: False).
 
     State: ``step``, and ``momentum_buffer`` when momentum ≠ 0. Factors: ``trust_ratio``.
     """
@@ -89,7 +90,8 @@ class LARS(FusedOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, scale_clip: tuple[float, float] | None = None,
-                 *, trust_coefficient: float = 1.0, maximize: bool = False, backend: Backend = "auto") -> None:
+                 *, trust_coefficient: float = 1.0, maximize: bool = False, backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         check_lr(lr)
         check_non_negative("momentum", momentum)
         check_non_negative("dampening", dampening)
@@ -100,7 +102,7 @@ class LARS(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=bool(nesterov), scale_clip=check_scale_clip(scale_clip),
                         trust_coefficient=trust_coefficient, maximize=bool(maximize))
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         lo, hi = group["scale_clip"]

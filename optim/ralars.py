@@ -108,6 +108,7 @@ class RaLars(FusedOptimizer):
         scale_clip: (c_lo, c_hi) clamp of the weight norm, None for (0, 10) (default: None).
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        capturable: a step CUDA graphs can capture (docs/design.md#capturable-steps) (default: False).
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``. Factors: ``rectification``, ``trust_ratio``.
     """
@@ -120,12 +121,13 @@ class RaLars(FusedOptimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, force_adaptive_momentum: bool = False,
                  scale_clip: tuple[float, float] | None = None, *, maximize: bool = False,
-                 backend: Backend = "auto") -> None:
+                 backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         check_adam(lr, betas, 2, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         force_adaptive_momentum=bool(force_adaptive_momentum), scale_clip=check_scale_clip(scale_clip),
                         maximize=bool(maximize))
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]

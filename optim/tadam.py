@@ -86,6 +86,7 @@ class TAdam(FusedOptimizer):
         dof: degrees of freedom ν, None for the tensor's element count (default: None).
         maximize: maximize the objective instead of minimizing it (default: False).
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpu"`` or ``"reference"``.
+        capturable: a step CUDA graphs can capture (docs/design.md#capturable-steps) (default: False).
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``W_t`` (a 0-d tensor), and ``max_exp_avg_sq`` with
     ``amsgrad``. Factors: ``old_weight`` W/(W + w), ``new_weight`` w/(W + w).
@@ -100,7 +101,8 @@ class TAdam(FusedOptimizer):
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, dof: float | None = None, *,
-                 maximize: bool = False, backend: Backend = "auto") -> None:
+                 maximize: bool = False, backend: Backend = "auto",
+                 capturable: bool = False) -> None:
         check_adam(lr, betas, 2, eps, weight_decay)
         if betas[0] == 0:
             raise ValueError("TAdam needs betas[0] > 0 (its weight W_t divides by β1)")
@@ -108,7 +110,7 @@ class TAdam(FusedOptimizer):
             raise ValueError(f"Invalid dof: {dof!r} (must be None or a number > 0, math.inf allowed)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
                         dof=dof, maximize=bool(maximize))
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, capturable=capturable)
 
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
         beta1, beta2 = group["betas"]

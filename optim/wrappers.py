@@ -70,6 +70,9 @@ class _SyncWrapper(Optimizer):
                  fused_sync: bool = True, backend: Backend = "auto") -> None:
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if getattr(base_optimizer, "capturable", False):
+            raise ValueError(f"{type(self).__name__} cannot wrap a capturable optimizer yet: its sync counter and rate "
+                             "live on the host, so a captured graph would sync at the wrong steps")
         check_non_negative("sync_rate", sync_rate)
         if sync_rate > 1:
             raise ValueError(f"Invalid sync_rate: {sync_rate} (must be in [0, 1])")
