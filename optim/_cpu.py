@@ -1,8 +1,9 @@
 """The C++ backend: builds ``csrc/`` just in time on first use (cached on disk) and runs a bucket's step in one call.
 
-The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja) into the torch extensions directory
-(``~/.cache/torch_extensions``), or into ``$FUSEDOPTIM_BUILD_DIR`` when set; later processes load the cached
-library. Sources are found as the package data ``fusedoptim.csrc`` (``csrc/`` in a checkout), so an editable
+The extension is compiled by ``torch.utils.cpp_extension.load`` (ninja) into a directory per build key under the
+torch extensions directory (``~/.cache/torch_extensions``) or ``$FUSEDOPTIM_BUILD_DIR``; later processes load the
+cached library once its digest checks out (optim/_build_cache.py: the key, the lock, the digest). Sources are
+found as the package data ``fusedoptim.csrc`` (``csrc/`` in a checkout), so an editable
 install and a wheel both work. If the build fails, the reason is kept for the whole process: ``backend="auto"``
 then runs the reference (with one warning) and ``backend="cpu"`` raises it.
 """
@@ -20,6 +21,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
+
+from . import _build_cache
 
 if TYPE_CHECKING:
     from ._backends import Run
@@ -56,34 +59,61 @@ def sources_dir() -> Path:
     return Path(csrc.__file__).resolve().parent
 
 
-def build_dir() -> Path | None:
-    """``$FUSEDOPTIM_BUILD_DIR`` when set (created if missing), else None: torch's extensions directory."""
+def build_root() -> Path:
+    """Where the builds are cached, one directory per build key: ``$FUSEDOPTIM_BUILD_DIR`` when set, else torch's
+    extensions directory (``~/.cache/torch_extensions/<python and torch tag>``)."""
     path = os.environ.get("FUSEDOPTIM_BUILD_DIR")
-    if not path:
-        return None
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return Path(path)
+    if path:
+        return Path(path)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
 
 
-def build() -> ModuleType:
-    """Compile the extension, or load it from the on-disk cache when the sources and flags are unchanged."""
+def build_directory() -> Path:
+    """This build's directory: ``fusedoptim_cpu-<key>`` under ``build_root()``, the key a hash of the sources'
+    contents and the flags (optim/_build_cache.py), not of the checkout's path."""
+    key = _build_cache.build_key(sources_dir(), SOURCES + HEADERS, _CFLAGS + _LDFLAGS)
+    return build_root() / f"fusedoptim_cpu-{key}"
+
+
+def build(wait_s: float | None = None) -> ModuleType:
+    """Compile the extension, or load it from the on-disk cache when the sources and flags are unchanged, under the
+    cache's lock (a stale one is removed) and after checking the cached library's digest (optim/_build_cache.py)."""
     from torch.utils import cpp_extension
 
     src = sources_dir()
     missing = [name for name in SOURCES + HEADERS if not (src / name).is_file()]
     if missing:
         raise FileNotFoundError(f"C++ sources missing from {src}: {missing}")
-    bdir = build_dir()
+    directory = build_directory()
     start = time.perf_counter()
-    module = cpp_extension.load(
-        name="fusedoptim_cpu",
-        sources=[str(src / name) for name in SOURCES],
-        extra_include_paths=[str(src)],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=_LDFLAGS,
-        build_directory=None if bdir is None else str(bdir),
-        verbose=False,
-    )
+    with _build_cache.build_lock(directory, wait_s, log):
+        problem = _build_cache.verify_library(directory)
+        if problem is not None:
+            log.warning("fusedoptim: %s", problem)
+        if not (directory / _build_cache.LIBRARY).exists():
+            log.warning("fusedoptim: building the C++ CPU kernels in %s (first use of these sources: about 1-2 "
+                        "minutes on 2 cores, once; `python -m fusedoptim.build` does it ahead of time)", directory)
+        # The sources are copied in: the build's commands then name the cache directory, not the checkout, and
+        # another clone of the same sources finds nothing to rebuild.
+        copies = directory / "src"
+        copies.mkdir(exist_ok=True)
+        for name in SOURCES + HEADERS:
+            data = (src / name).read_bytes()
+            if not (copies / name).is_file() or (copies / name).read_bytes() != data:
+                (copies / name).write_bytes(data)
+        module = cpp_extension.load(
+            name="fusedoptim_cpu",
+            sources=[str(copies / name) for name in SOURCES],
+            extra_include_paths=[str(copies)],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),  # copies: torch appends its libraries to the list it is given
+            build_directory=str(directory),
+            verbose=False,
+        )
+        if not (directory / _build_cache.DIGEST).exists():
+            _build_cache.record_library(directory)
     log.info("fusedoptim: C++ CPU kernels ready in %.1f s", time.perf_counter() - start)
     return module
 
