@@ -214,7 +214,9 @@ def build_bucket(params: list[torch.Tensor], sharding: Sharding | None, executor
     bucket.in_place = [same_memory_order(t, s) for t, s in zip(tensors, bucket.strides, strict=True)]
     bucket.contiguous = all(t.is_contiguous() for t in tensors)
     if rule.two_pass:
-        bucket.tensor_states = {name: torch.zeros(len(params), dtype=torch.float32, device=device)
+        # fp32, as the compiled kernels read them; fp64 for fp64 params (the reference's), like their other states
+        bucket.tensor_states = {name: torch.zeros(len(params), dtype=torch.promote_types(dtype, torch.float32),
+                                                  device=device)
                                 for name in rule.tensor_states}
         bucket.segments = SegmentLayout.of(params, tensors, rule.row_statistics, device)
     return bucket

@@ -14,6 +14,23 @@ if TYPE_CHECKING:
     from ._rule import Rule
 
 
+#: Elements a torch reduction adds in one serial run (fixed_order_sum): below torch's parallel grain (32 768), so
+#: no thread count splits it.
+SUM_CHUNK = 1024
+
+
+def fixed_order_sum(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of each row of ``rows`` ([R, L]) in ``dtype``, bitwise the same whatever torch's thread count: rows
+    are cut into SUM_CHUNK-element pieces, each added by one thread (torch parallelises a reduction with several
+    outputs over its outputs, and one of fewer elements than its grain not at all), then the pieces' sums likewise.
+    A plain ``sum`` splits a long row among the threads: 1-2 ulp apart between 1 and 2 threads."""
+    rows = rows.to(dtype)
+    while rows.shape[1] > SUM_CHUNK:
+        rows = torch.nn.functional.pad(rows, (0, -rows.shape[1] % SUM_CHUNK))
+        rows = rows.reshape(rows.shape[0], -1, SUM_CHUNK).sum(2)
+    return rows.sum(1)
+
+
 class ReferenceExecutor:
     name = "reference"
 
@@ -55,18 +72,20 @@ class ReferenceExecutor:
     def _prepare(self, run: Run) -> torch.Tensor:
         bucket, rule, segments = run.bucket, run.rule, run.bucket.segments
         prepare = rule.reference[0]
-        sums = torch.zeros(segments.num_segments, rule.num_sums, dtype=torch.float32, device=bucket.device)
+        # fp32 sums (fp64 for fp64 params), added in an order that does not depend on the thread count
+        sums = torch.zeros(segments.num_segments, rule.num_sums, dtype=torch.promote_types(bucket.dtype, torch.float32),
+                           device=bucket.device)
         for i in run.active:
             param, grad, state = self._inputs(run, i)
             new_state, terms = prepare(param, grad, state, bucket.steps[i], *run.hyper, *run.flags)
             if rule.prepare_writes_state:
                 for old, new in zip(state, new_state, strict=True):
                     old.copy_(new)
-            sums[i] = torch.stack([term.sum(dtype=torch.float32) for term in terms])
+            sums[i] = torch.stack([fixed_order_sum(term.reshape(1, -1), sums.dtype)[0] for term in terms])
             row_length = segments.row_lengths[i]
             if row_length is not None:
                 first = len(bucket.params) + segments.first_row[i]
-                rows = torch.stack([term.reshape(-1, row_length).sum(1, dtype=torch.float32) for term in terms], 1)
+                rows = torch.stack([fixed_order_sum(term.reshape(-1, row_length), sums.dtype) for term in terms], 1)
                 sums[first:first + rows.shape[0]] = rows
         return sums
 

@@ -56,7 +56,7 @@ def ralars_finalize(sums, steps, segments, tensor_states,
                    + weight_decay**2 * param_sq).clamp(min=0).sqrt()
     phi = param_sq.sqrt().clamp(scale_lo, scale_hi)
     trust_ratio = torch.where((phi == 0) | (update_norm == 0), 1.0, phi / update_norm)
-    return torch.stack([rectification, trust_ratio], 1).float(), ()
+    return torch.stack([rectification, trust_ratio], 1).to(sums.dtype), ()
 
 
 def ralars_apply(param, grad, state, step, rectification, trust_ratio,

@@ -37,7 +37,7 @@ def tadam_finalize(sums, steps, segments, tensor_states,
     weight = torch.where(torch.isinf(nu), 1.0, (nu + d) / (nu + sums[:, 0].double()))
     total_weight = torch.where(steps == 1, beta1 / (1.0 - beta1), total_weight.double())
     factors = torch.stack([total_weight / (total_weight + weight), weight / (total_weight + weight)], 1)
-    return factors.float(), ((total_weight * (2 * beta1 - 1) / beta1 + weight).float(),)
+    return factors.to(sums.dtype), ((total_weight * (2 * beta1 - 1) / beta1 + weight).to(sums.dtype),)
 
 
 def tadam_apply(param, grad, state, step, old_weight, new_weight,

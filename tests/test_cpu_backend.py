@@ -386,3 +386,34 @@ def test_sync_of_a_torch_base_runs_the_cpp_sync():
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
                 assert_tensor_state_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"],
                                           f"{wrapper.__name__} slow")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [c for c in _SCALE_CASES if c.cls.rule.two_pass], ids=lambda c: c.name)
+def test_reference_two_pass_steps_are_bitwise_across_thread_counts(case, dtype):
+    """The reference's per-tensor (and per-row) sums are added in a fixed order (optim/_reference.py:
+    fixed_order_sum), so 1 and 5 threads give the same bits, as the C++ kernels do; fp64 params keep fp64 per-tensor
+    states (TAdam's W_t) and sums."""
+    gen = torch.Generator().manual_seed(4)
+    params = _big_profile(dtype, gen)
+    copies = [p.clone() for p in params]
+    opts = [case.make(params, backend="reference"), case.make(copies, backend="reference")]
+    threads = torch.get_num_threads()
+    try:
+        for _ in range(2):
+            grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+            for n, opt in zip((_THREADS, 1), opts, strict=True):
+                torch.set_num_threads(n)
+                for p, g in zip(opt.param_groups[0]["params"], grads, strict=True):
+                    p.grad = g.clone()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(params, copies, strict=True):
+        assert torch.equal(a, b)
+        for name, value in opts[0].state[a].items():
+            torch.testing.assert_close(value, opts[1].state[b][name], rtol=0, atol=0, equal_nan=True)
+            if name in case.cls.rule.tensor_states:
+                assert value.dtype == dtype if dtype == torch.float64 else torch.float32
+    (bucket,) = opts[0].bucket_layout()
+    assert bucket.sums.dtype == torch.promote_types(dtype, torch.float32)

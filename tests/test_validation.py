@@ -98,3 +98,29 @@ def test_mismatched_gradient_fails_before_modifying_anything(case, backend, bad)
         matrix.grad.data = BAD_GRADS[bad](matrix)
 
     _assert_step_fails_unchanged(case, backend, mismatched, ValueError, "must match its param")
+
+
+def _overlapping_params(w):
+    return {"the same tensor twice": [w, w], "overlapping rows": [w[:4], w[2:]],
+            "overlapping columns": [w[:, :5], w[:, 4:]], "a view of another param": [w, w[1]]}
+
+
+@pytest.mark.parametrize("layout", ["the same tensor twice", "overlapping rows", "overlapping columns",
+                                    "a view of another param", "in two groups", "added group overlaps"])
+@pytest.mark.parametrize("case", FIRST_CASES, ids=lambda c: c.name)
+def test_params_that_share_memory_are_refused(case, layout):
+    """The kernels would update shared elements twice (the C++ threads race on them), so construction and
+    add_param_group refuse; views that share a storage but no element (even and odd columns) are fine."""
+    w = torch.randn(6, 8)
+    if layout == "in two groups":
+        with pytest.raises(ValueError, match="more than one parameter group"):
+            case.make([{"params": [w]}, {"params": [w]}])
+    elif layout == "added group overlaps":
+        opt = case.make([w[:3]])
+        with pytest.raises(ValueError, match="share memory"):
+            opt.add_param_group({"params": [w[2:]]})
+        assert len(opt.param_groups) == 1
+    else:
+        with pytest.raises(ValueError, match="twice|share memory"):
+            case.make(_overlapping_params(w)[layout])
+    case.make([w[:, ::2], w[:, 1::2], w[:3, :0]])  # disjoint views of one storage (and an empty one)
