@@ -46,6 +46,7 @@ class Run:
     #: ``hyper[0]`` is then its 0-d view, for the torch code (the reference, the torch finalize)
     lr: torch.Tensor | None = None
     kernel_grads: list[torch.Tensor | None] | None = None  # the grads as the Triton kernels read them, once checked
+    grad_ptrs: list[int] | None = None  # and their addresses (0: no grad)
 
     def kernel_hyper(self) -> tuple[float, ...]:
         """The runtime scalars as the compiled kernels take them: floats, with a placeholder for a tensor lr (read
@@ -82,9 +83,9 @@ class Executor(Protocol):
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
         """Lookahead's sync of the listed tensors: slow ← slow + rate·(θ − slow); θ ← slow."""
 
-    def check_capturable(self, run: Run, owner: str) -> None:
-        """capturable=True: raise (RuntimeError, before anything is written) if this step would change what a
-        captured graph holds: tables, addresses. The host executors hold nothing a graph captures."""
+    def check_run(self, run: Run, owner: str, capturable: bool) -> None:
+        """Phase 1 of a step, before anything is written: raise if a grad shares memory with its param (ValueError)
+        or, with ``capturable``, if the step would change what a captured graph holds (RuntimeError)."""
 
 
 def executor(name: str) -> Executor:

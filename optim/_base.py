@@ -299,8 +299,7 @@ class FusedOptimizer(Optimizer):
                 if tensor_lr:
                     run.lr = self._lr_on(bucket.device, lr)
                     run.hyper = (run.lr.reshape(()), *hyper[1:])
-                if self.capturable:
-                    bucket.executor.check_capturable(run, type(self).__name__)
+                bucket.executor.check_run(run, type(self).__name__, self.capturable)
                 if amp is not None:
                     run.grad_scale, run.found_inf = self._amp_on(bucket.device, *amp)
                 runs.append(run)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import _build_cache
+from ._layout import check_grads_apart
 
 if TYPE_CHECKING:
     from ._backends import Run
@@ -186,8 +187,10 @@ PHASE_PASS_A, PHASE_PASS_B = 1, 2
 class CpuExecutor:
     name = "cpu"
 
-    def check_capturable(self, run: Run, owner: str) -> None:
-        pass  # a host path: nothing of it is captured in a CUDA graph, and its results equal a normal step's
+    def check_run(self, run: Run, owner: str, capturable: bool) -> None:
+        """Phase 1: no grad shares memory with its param. capturable asks nothing more of a host path: nothing of
+        it is captured in a CUDA graph, and its results equal a normal step's."""
+        check_grads_apart(run.bucket, run.active, run.grads, owner)
 
     def unavailable(self, rule: Rule, device: torch.device, dtype: torch.dtype, *, build: bool = True) -> str | None:
         if rule.cpu is None:

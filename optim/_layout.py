@@ -57,6 +57,30 @@ def same_memory_order(tensor: torch.Tensor, strides: tuple[int, ...]) -> bool:
     return stride == strides or all(n == 1 or a == b for n, a, b in zip(tensor.shape, stride, strides, strict=True))
 
 
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte] of the memory ``t`` addresses (its span: all of it when dense)."""
+    begin = t.data_ptr()
+    if t.numel() == 0:
+        return begin, begin
+    return begin, begin + t.element_size() * (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(),
+                                                                                          strict=True)))
+
+
+def check_grads_apart(bucket: Bucket, active: Sequence[int], grads: Sequence[torch.Tensor | None],
+                      owner: str) -> None:
+    """A grad must not share memory with its param: the kernels write the param while they read the grad (seen as
+    ``p.grad.data = p.data`` in code that reuses buffers). ValueError, before anything is written."""
+    for i in active:
+        grad, param = grads[i], bucket.tensors[i]
+        if grad is None or not grad.numel():
+            continue
+        g0, g1 = byte_span(grad)
+        p0, p1 = byte_span(param)
+        if g0 < p1 and p0 < g1:
+            raise ValueError(f"{owner}: the gradient of param {i} of shape {tuple(param.shape)} shares memory with "
+                             "its param; the step would read a gradient it is overwriting. Give it its own tensor")
+
+
 def chunk_table_tensors(numels: Sequence[int], tensors: Sequence[int], block: int,
                         row_lengths: Sequence[int | None] | None = None) -> dict[str, torch.Tensor]:
     """The chunk table of the listed tensors, as int64 CPU tensors, built with a fixed number of torch ops

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._layout import check_grads_apart
+
 if TYPE_CHECKING:
     from ._backends import Run
     from ._layout import Bucket
@@ -34,8 +36,10 @@ def fixed_order_sum(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class ReferenceExecutor:
     name = "reference"
 
-    def check_capturable(self, run: Run, owner: str) -> None:
-        pass  # a host path: nothing of it is captured in a CUDA graph, and its results equal a normal step's
+    def check_run(self, run: Run, owner: str, capturable: bool) -> None:
+        """Phase 1: no grad shares memory with its param. capturable asks nothing more of a host path: nothing of
+        it is captured in a CUDA graph, and its results equal a normal step's."""
+        check_grads_apart(run.bucket, run.active, run.grads, owner)
 
     def unavailable(self, rule: Rule, device: torch.device, dtype: torch.dtype, *, build: bool = True) -> None:
         return None  # torch runs anywhere

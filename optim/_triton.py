@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._kernels import IMPORT_ERROR, kernels
-from ._layout import chunk_table_tensors
+from ._layout import check_grads_apart, chunk_table_tensors
 from ._rule import SYNC_PASS, KernelPass
 
 if TYPE_CHECKING:
@@ -83,23 +83,27 @@ class TritonExecutor:
             return [g if g is None or g.is_contiguous() else g.contiguous() for g in run.grads]
         return [g if g is None else bucket.in_order(i, g) for i, g in enumerate(run.grads)]
 
-    def check_capturable(self, run: Run, owner: str) -> None:
-        """After the first step (the warm-up, outside any graph, which builds the tables) a capturable step must
-        find its chunk table and grad addresses as they were: a captured graph replays the copies and launches
-        with the addresses it saw."""
+    def check_run(self, run: Run, owner: str, capturable: bool) -> None:
+        """Phase 1 (nothing written yet): the grads as the kernels will read them and their addresses. When these
+        moved (new grads each step under ``zero_grad(set_to_none=True)``), no grad may share memory with its param.
+        capturable: after the first step (the warm-up, outside any graph, which builds the tables) the chunk table
+        and grad addresses must be as they were, since a captured graph replays the copies and launches with the
+        addresses it saw."""
         bucket = run.bucket
         cache: Tables | None = bucket.tables
-        if cache is None or cache.step_pointers is None:
+        run.kernel_grads = self._kernel_grads(run)
+        run.grad_ptrs = [0 if g is None else g.data_ptr() for g in run.kernel_grads]
+        last = None if cache is None or cache.step_pointers is None else cache.step_pointers.key[1]
+        if last is None or last != tuple(run.grad_ptrs):
+            check_grads_apart(bucket, run.active, run.grads, owner)
+        if not capturable or last is None:
             return
         prefix = f"{owner}(capturable=True)"
         if run.active not in cache.chunks:
             raise RuntimeError(f"{prefix}: the set of params with a gradient changed ({len(run.active)} of "
                                f"{len(bucket.params)} now): a captured step would update the old set")
-        run.kernel_grads = self._kernel_grads(run)
-        grad_ptrs = tuple(0 if g is None else g.data_ptr() for g in run.kernel_grads)
-        if cache.step_pointers.key[1] != grad_ptrs:
-            moved = next(i for i, (a, b) in enumerate(zip(cache.step_pointers.key[1], grad_ptrs, strict=True))
-                         if a != b)
+        if last != tuple(run.grad_ptrs):
+            moved = next(i for i, (a, b) in enumerate(zip(last, run.grad_ptrs, strict=True)) if a != b)
             raise RuntimeError(f"{prefix}: the gradient of param {moved} of shape {tuple(bucket.params[moved].shape)} "
                                "moved since the last step (a new tensor, or a copy because it is not in its param's "
                                "memory order); a captured step would read the old address. Keep grads in place: "
@@ -107,7 +111,10 @@ class TritonExecutor:
 
     def step(self, run: Run) -> None:
         bucket = run.bucket
-        grads = run.kernel_grads if run.kernel_grads is not None else self._kernel_grads(run)
+        if run.kernel_grads is None:  # a run not checked by FusedOptimizer.step
+            run.kernel_grads = self._kernel_grads(run)
+            run.grad_ptrs = [0 if g is None else g.data_ptr() for g in run.kernel_grads]
+        grads = run.kernel_grads
         cache = _stage_in(bucket)
         self._step(run, grads)
         if cache.staging:
@@ -115,7 +122,7 @@ class TritonExecutor:
 
     def _step(self, run: Run, grads: list[torch.Tensor | None]) -> None:
         bucket, rule = run.bucket, run.rule
-        tables = self._tables(bucket, run.active, [0 if g is None else g.data_ptr() for g in grads], "step")
+        tables = self._tables(bucket, run.active, run.grad_ptrs, "step")
         chunks = bucket.tables.chunks[run.active]
         if chunks.empty_active is not None:  # no program advances them (e.g. FSDP2's empty shards)
             taken = chunks.empty_active if run.found_inf is None else chunks.empty_active * (run.found_inf == 0)

@@ -124,3 +124,11 @@ def test_params_that_share_memory_are_refused(case, layout):
         with pytest.raises(ValueError, match="twice|share memory"):
             case.make(_overlapping_params(w)[layout])
     case.make([w[:, ::2], w[:, 1::2], w[:3, :0]])  # disjoint views of one storage (and an empty one)
+
+
+@pytest.mark.parametrize(("case", "backend"), case_backends(["reference", "triton", "cpu"], triton_cases=FIRST_CASES))
+def test_a_gradient_that_shares_memory_with_its_param_fails_before_modifying_anything(case, backend):
+    def aliased(dense, matrix):
+        matrix.grad.data = matrix.data  # code that reuses buffers can do this; the setter refuses p.grad = p
+
+    _assert_step_fails_unchanged(case, backend, aliased, ValueError, "shares memory with its param")
