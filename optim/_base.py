@@ -9,6 +9,8 @@ for torch, declared once as a ``Rule``) → the multi-tensor template (``kernels
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -20,6 +22,9 @@ from ._backends import BACKENDS, Backend, Run, select
 from ._distributed import Sharding, check_grad, local, sharding_of
 from ._layout import Bucket, adopt_state, build_bucket
 from ._rule import Rule
+
+#: Set while a group's hyperparameters are checked by building an optimizer on them (its own groups need no check).
+_CHECKING_GROUP = [False]
 
 
 def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -66,6 +71,9 @@ class FusedOptimizer(Optimizer):
 
     rule: ClassVar[Rule]
     _step_supports_amp_scaling: ClassVar[bool] = True
+    #: Param groups are checked with the constructor's own checks wherever they enter (add_param_group, a loaded
+    #: state_dict, a group changed before step()).
+    _validates_groups: ClassVar[bool] = True
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any], *, backend: Backend = "auto",
                  capturable: bool = False) -> None:
@@ -75,6 +83,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"capturable must be True or False, got {capturable!r}")
         self.backend = backend
         self.capturable = capturable
+        self._checked_groups: dict[int, tuple] = {}  # id(group) -> the hyperparameters last found valid
         self._layouts: dict[int, tuple[tuple, list[Bucket]]] = {}
         self._slow_attached = False  # a Lookahead keeps its slow weights in our buckets (attach_slow_weights)
         self._pending_sync: torch.Tensor | None = None
@@ -131,6 +140,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"all params of one param group must be on one device, got {sorted(map(str, devices))}; "
                              "put params on other devices in their own param group")
         self._check_disjoint(params)
+        self._check_group({**self.defaults, **param_group}, len(getattr(self, "param_groups", [])), cache=False)
         for p in params:
             if isinstance(p, torch.Tensor):
                 sharding_of(p, type(self).__name__)  # a DTensor placement we cannot run: ValueError, on every rank
@@ -139,6 +149,41 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         if self.capturable:
             self._device_lr(self.param_groups[-1])
+        self._checked_groups[id(self.param_groups[-1])] = self._group_key(self.param_groups[-1])
+
+    @classmethod
+    def _hyper_names(cls) -> tuple[str, ...]:
+        """The constructor's hyperparameters: what a param group may set (lr, betas, ...)."""
+        names = cls.__dict__.get("_hyper_names_cache")
+        if names is None:
+            skip = ("self", "params", "backend", "capturable")
+            names = tuple(name for name in inspect.signature(cls.__init__).parameters if name not in skip)
+            cls._hyper_names_cache = names
+        return names
+
+    def _group_key(self, group: dict[str, Any]) -> tuple:
+        return tuple(id(v) if isinstance(v, torch.Tensor) else v
+                     for v in map(group.get, self._hyper_names()))
+
+    def _check_group(self, group: dict[str, Any], index: int, *, cache: bool = True) -> None:
+        """ValueError naming the group unless its hyperparameters pass the constructor's checks (it is built on a
+        1-element param with them). The values last found valid are kept per group, so an unchanged group costs a
+        tuple comparison (a tensor lr counts by identity: one a scheduler fills in place is never re-read)."""
+        if not self._validates_groups or _CHECKING_GROUP[0]:
+            return
+        key = self._group_key(group)
+        if cache and self._checked_groups.get(id(group)) == key:
+            return
+        names = [name for name in self._hyper_names() if name in group]
+        _CHECKING_GROUP[0] = True
+        try:
+            type(self)([torch.zeros(1)], **{name: group[name] for name in names})
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{type(self).__name__}: param group {index}: {e}") from None
+        finally:
+            _CHECKING_GROUP[0] = False
+        if cache:
+            self._checked_groups[id(group)] = key
 
     def _check_disjoint(self, new: list[Any]) -> None:
         """No param twice, and no two params sharing memory (views of one tensor that overlap): the kernels would
@@ -276,7 +321,8 @@ class FusedOptimizer(Optimizer):
         # Phase 1: everything that can fail, before any param or state is written.
         amp = self._amp_inputs(*(amp or ()))
         runs: list[Run] = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            self._check_group(group, index)  # a group changed since the last step: the constructor's checks
             lr = group["lr"]
             tensor_lr = isinstance(lr, torch.Tensor)
             hyper, flags = self.group_scalars({**group, "lr": 0.0} if tensor_lr else group)  # never lr.item()
@@ -423,33 +469,70 @@ class FusedOptimizer(Optimizer):
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
-        ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        if len(ids) != len(params):
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(self.param_groups, saved_groups, strict=True)):
             raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
                              "optimizer's group")
         saved_state = state_dict["state"]
-        per_tensor = ("step",) + (self.rule.tensor_states if self.rule.two_pass else ())  # one value per param
         adopted: dict[torch.Tensor, dict[str, Any]] = {}
-        for pid, p in zip(ids, params, strict=True):
-            if pid not in saved_state:
-                continue
-            entry = dict(saved_state[pid])
-            for name, value in entry.items():
-                if isinstance(value, torch.Tensor) and name not in per_tensor and value.numel() != p.numel():
-                    raise ValueError(f"state {name!r} of a param of shape {tuple(p.shape)} has "
-                                     f"{value.numel()} elements in the loaded state dict")
-            adopted[p] = entry
-        # torch's loader checks the groups, runs the hooks and restores the hyperparameters; the state
-        # goes around it because it would cast fp32 state down to bf16/fp16 params.
-        super().load_state_dict({"state": {}, "param_groups": saved_groups})
-        for p, entry in adopted.items():
-            self.state[p] = entry
-        self._layouts = {}
-        if self.capturable:
-            for group in self.param_groups:
-                self._device_lr(group)
-        self.bucket_layout()  # adopt now, so `optimizer.state` shows the loaded values at once
+        # Everything is checked before anything changes: the groups' hyperparameters, and each param's entry.
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            self._check_group(merged, index, cache=False)
+            for pid, p in zip(saved["params"], group["params"], strict=True):
+                if pid in saved_state:
+                    adopted[p] = self._checked_entry(saved_state[pid], p, merged, pid)
+        # torch's loader runs the hooks and restores the hyperparameters; the state goes around it because it
+        # would cast fp32 state down to bf16/fp16 params. New buckets adopt the entries; should anything still
+        # fail, the old groups, state and buckets (whose buffers nothing has written) are put back.
+        before = self.param_groups, self.state, self._layouts, self._checked_groups
+        try:
+            super().load_state_dict({"state": {}, "param_groups": saved_groups})
+            for p, entry in adopted.items():
+                self.state[p] = entry
+            self._layouts, self._checked_groups = {}, {}
+            if self.capturable:
+                for group in self.param_groups:
+                    self._device_lr(group)
+            self.bucket_layout()  # adopt now, so `optimizer.state` shows the loaded values at once
+        except BaseException:
+            self.param_groups, self.state, self._layouts, self._checked_groups = before
+            raise
+
+    def _checked_entry(self, entry: Any, p: torch.Tensor, group: dict[str, Any], pid: Any) -> dict[str, Any]:
+        """A loaded state entry, checked as every backend will read it: a KeyError naming the param and the key
+        when a state the rule needs (or ``step``) is missing, as torch's optimizers raise at their next step
+        (zero-filling it would silently restart that moment); a ValueError for a wrong type or size."""
+        owner, shape = type(self).__name__, tuple(p.shape)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{owner}: the state of param {pid!r} (shape {shape}) must be a dict, got "
+                             f"{type(entry).__name__}")
+        if not entry:
+            return {}
+        per_tensor = self.rule.tensor_states if self.rule.two_pass else ()
+        for name in ("step", *self.group_state_names(group), *per_tensor):
+            if name not in entry:
+                raise KeyError(f"{owner}: the loaded state of param {pid!r} (shape {shape}) has no {name!r}")
+        out = dict(entry)
+        for name, value in entry.items():
+            scalar = name == "step" or name in per_tensor
+            if scalar:
+                number = value.reshape(()) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if isinstance(number, torch.Tensor):
+                    number = number.item()  # a loaded value, read once on the host: loading is not a step
+                if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                        or (name == "step" and number < 0):
+                    raise ValueError(f"{owner}: the loaded {name!r} of param {pid!r} (shape {shape}) must be a "
+                                     f"finite{' non-negative' if name == 'step' else ''} number or 1-element "
+                                     f"tensor, got {value!r}")
+            elif isinstance(value, torch.Tensor):
+                n = local(value).numel() if local(value) is not value else value.numel()
+                if value.numel() != p.numel() and n != local(p).numel():
+                    raise ValueError(f"state {name!r} of a param of shape {shape} has {value.numel()} elements in "
+                                     "the loaded state dict")
+                if not value.is_floating_point():
+                    raise ValueError(f"{owner}: the loaded {name!r} of param {pid!r} (shape {shape}) is "
+                                     f"{value.dtype}, not floating point")
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; the flat buffers are rebuilt from `state`.
@@ -464,5 +547,6 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("_slow_attached", False)
         self.__dict__.setdefault("capturable", False)
+        self._checked_groups = {}
         for group in self.param_groups:
             group.setdefault("maximize", False)

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+FP32_MAX = float(torch.finfo(torch.float32).max)
+
 
 def check_lr(lr: Any) -> None:
     if isinstance(lr, torch.Tensor):
@@ -20,6 +22,8 @@ def check_lr(lr: Any) -> None:
         raise ValueError(f"lr must be a non-negative number, got {lr!r}")
     if not (math.isfinite(lr) and lr >= 0.0):
         raise ValueError(f"Invalid learning rate: {lr} (must be finite and >= 0)")
+    if lr > FP32_MAX:  # the kernels take it as fp32: it would be inf there
+        raise ValueError(f"Invalid learning rate: {lr} overflows fp32 (the kernels' type; max {FP32_MAX:.4g})")
 
 
 def check_betas(betas: Sequence[float], count: int) -> None:
@@ -58,7 +62,8 @@ def check_scale_clip(scale_clip: Any) -> tuple[float, float]:
         raise ValueError(f"scale_clip must be None or a (lo, hi) pair, got {scale_clip!r}")
     lo, hi = scale_clip
     check_non_negative("scale_clip lower bound", lo)
-    check_non_negative("scale_clip upper bound", hi)
+    if not (isinstance(hi, (int, float)) and not isinstance(hi, bool) and hi == math.inf):  # inf: no clamp (timm's)
+        check_non_negative("scale_clip upper bound", hi)
     if lo > hi:
         raise ValueError(f"Invalid scale_clip: lower bound {lo} > upper bound {hi}")
     return (float(lo), float(hi))

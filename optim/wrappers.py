@@ -37,6 +37,8 @@ class _SlowWeights(FusedOptimizer):
 
     rule = SYNC_RULE  # on CPU the sync is the C++ loop of csrc/lookahead.h (keep_step with the slow weights)
 
+    _validates_groups = False  # no hyperparameters of its own: the base's groups are the base's business
+
     def __init__(self, base_optimizer: Optimizer, backend: Backend) -> None:
         super().__init__([{"params": list(g["params"])} for g in base_optimizer.param_groups], {"maximize": False},
                          backend=backend)

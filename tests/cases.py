@@ -151,7 +151,8 @@ class Case:
         """Every hyperparameter of the optimizer: its signature's defaults overridden by this case."""
         sig = inspect.signature(self.cls.__init__)
         defaults = {k: v.default for k, v in sig.parameters.items()
-                    if k not in ("self", "params", "backend") and v.default is not inspect.Parameter.empty}
+                    if k not in ("self", "params", "backend", "capturable")
+                    and v.default is not inspect.Parameter.empty}
         return {**defaults, **self.kwargs}
 
 

@@ -87,7 +87,8 @@ def test_load_rejects_mismatched_state_without_changing_anything():
 
 
 def test_loads_torch_adam_state_dict_into_bf16_params_without_casting_down():
-    """A checkpoint of torch.optim.Adam (fp32 params) loads into AdEMAMix on bf16 params; state stays fp32."""
+    """A checkpoint of torch.optim.Adam (fp32 params) loads into AdEMAMix on bf16 params once the state Adam does not
+    have is given (a missing one is a KeyError naming it, as torch raises, not a silent zero); state stays fp32."""
     from fusedoptim import AdEMAMix
 
     p32 = torch.randn(6)
@@ -98,8 +99,83 @@ def test_loads_torch_adam_state_dict_into_bf16_params_without_casting_down():
     sd["param_groups"][0]["betas"] = (0.9, 0.999, 0.9999)
     pb = p32.detach().to(torch.bfloat16)
     ours = AdEMAMix([pb], lr=1e-2)
+    sd["param_groups"][0]["lr"] = 5e-3
+    with pytest.raises(KeyError, match="param 0 \\(shape \\(6,\\)\\) has no 'exp_avg_slow'"):
+        ours.load_state_dict(sd)
+    assert not ours.state and ours.param_groups[0]["lr"] == 1e-2  # nothing loaded
+    sd["state"][0]["exp_avg_slow"] = torch.zeros(6)  # the slow EMA starts at zero, said explicitly
     ours.load_state_dict(sd)
     assert ours.state[pb]["exp_avg"].dtype == torch.float32
     assert torch.equal(ours.state[pb]["exp_avg"], adam.state[p32]["exp_avg"])
     assert ours.state[pb]["step"].item() == 1.0
     assert torch.equal(ours.state[pb]["exp_avg_slow"], torch.zeros(6))  # not in Adam's state: starts at zero
+
+
+def _spoil(sd, kind, case):
+    entry = sd["state"][1]
+    first = next(n for n in entry if n != "step" and n not in case.cls.rule.__dict__.get("tensor_states", ()))
+    if kind == "no step":
+        del entry["step"]
+    elif kind == "no state":
+        del entry[first]
+    elif kind == "step not a number":
+        entry["step"] = "3"
+    elif kind == "step nan":
+        entry["step"] = torch.tensor(float("nan"))
+    elif kind == "state of the wrong size":
+        entry[first] = entry[first].reshape(-1)[:-1]
+    elif kind == "integer state":
+        entry[first] = entry[first].long()
+    elif kind == "entry not a dict":
+        sd["state"][1] = [1, 2]
+    elif kind == "bad hyperparameter":
+        sd["param_groups"][0]["lr"] = -1.0
+    elif kind == "group of another size":
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+    return {"no step": KeyError, "no state": KeyError}.get(kind, ValueError)
+
+
+_SPOILS = ["no step", "no state", "step not a number", "step nan", "state of the wrong size", "integer state",
+           "entry not a dict", "bad hyperparameter", "group of another size"]
+
+
+def _stateful_first_cases():
+    """The first case of each optimizer that keeps a state buffer (LARS without momentum keeps only its steps)."""
+    from cases import CASES
+
+    out = {}
+    for case in CASES:
+        opt = case.make([torch.zeros(1)])
+        if case.cls not in out and opt.group_state_names(opt.param_groups[0]):
+            out[case.cls] = case
+    return list(out.values())
+
+
+@pytest.mark.parametrize("kind", _SPOILS)
+@pytest.mark.parametrize("case", _stateful_first_cases(), ids=lambda c: c.name)
+def test_a_bad_state_dict_loads_nothing(case, kind):
+    """load_state_dict is all or nothing: a bad entry raises, naming what is wrong, and the optimizer keeps its
+    groups and state and steps on exactly as an untouched twin does."""
+    import copy
+
+    params = [torch.randn(5), torch.randn(4, 3)]
+    twin_params = [p.clone() for p in params]
+    opt, twin = case.make(params, backend="cpu"), case.make(twin_params, backend="cpu")
+    for o, ps in ((opt, params), (twin, twin_params)):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        o.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = 0.5  # a valid change, which must not land either
+    error = _spoil(sd, kind, case)
+    with pytest.raises(error):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
+    for o, ps in ((opt, params), (twin, twin_params)):
+        for p in ps:
+            p.grad = torch.full_like(p, 0.5)
+        o.step()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+        for name, value in twin.state[q].items():
+            assert torch.equal(opt.state[p][name], value), name
