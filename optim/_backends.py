@@ -46,7 +46,7 @@ class Run:
     #: ``hyper[0]`` is then its 0-d view, for the torch code (the reference, the torch finalize)
     lr: torch.Tensor | None = None
     kernel_grads: list[torch.Tensor | None] | None = None  # the grads as the Triton kernels read them, once checked
-    grad_ptrs: list[int] | None = None  # and their addresses (0: no grad)
+    grad_ptrs: tuple[int, ...] | None = None  # and their addresses (0: no grad)
 
     def kernel_hyper(self) -> tuple[float, ...]:
         """The runtime scalars as the compiled kernels take them: floats, with a placeholder for a tensor lr (read

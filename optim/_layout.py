@@ -184,6 +184,7 @@ class Bucket:
     steps: torch.Tensor
     param_ptrs: list[int]
     strides: list[tuple[int, ...]] = field(default_factory=list)  # each segment's (memory_strides)
+    nbytes: list[int] = field(default_factory=list)  # each tensor's bytes
     in_place: list[bool] = field(default_factory=list)  # tensor i is addressed in its segment's order
     contiguous: bool = True  # every segment has contiguous strides (the grads' fast path)
     tensor_states: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -234,6 +235,7 @@ def build_bucket(params: list[torch.Tensor], sharding: Sharding | None, executor
     states = {name: torch.zeros(total, dtype=rule.state_dtype(name, dtype), device=device) for name in names}
     bucket = Bucket(params, tensors, sharding, dtype, device, executor, names, rule_names, numels, offsets, states,
                     torch.zeros(len(params), dtype=torch.float32, device=device), [t.data_ptr() for t in tensors])
+    bucket.nbytes = [t.numel() * t.element_size() for t in tensors]
     bucket.strides = [memory_strides(t, rule.two_pass and rule.row_statistics) for t in tensors]
     bucket.in_place = [same_memory_order(t, s) for t, s in zip(tensors, bucket.strides, strict=True)]
     bucket.contiguous = all(t.is_contiguous() for t in tensors)

@@ -9,6 +9,7 @@ Python is reading each grad's address.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,17 +93,20 @@ class TritonExecutor:
         bucket = run.bucket
         cache: Tables | None = bucket.tables
         run.kernel_grads = self._kernel_grads(run)
-        run.grad_ptrs = [0 if g is None else g.data_ptr() for g in run.kernel_grads]
+        run.grad_ptrs = _addresses(run.kernel_grads, len(run.active) == len(bucket.params))
         last = None if cache is None or cache.step_pointers is None else cache.step_pointers.key[1]
-        if last is None or last != tuple(run.grad_ptrs):
-            check_grads_apart(bucket, run.active, run.grads, owner)
+        if last is None or last != run.grad_ptrs:
+            # The kernels' grads are dense in their param's order (or copies): a grad overlaps its param exactly
+            # when their addresses are closer than its bytes. One pass over three lists: 12 µs for 161 tensors.
+            if any(-n < g - p < n for g, p, n in zip(run.grad_ptrs, bucket.param_ptrs, bucket.nbytes, strict=True)):
+                check_grads_apart(bucket, run.active, run.grads, owner)  # raises, naming the param
         if not capturable or last is None:
             return
         prefix = f"{owner}(capturable=True)"
         if run.active not in cache.chunks:
             raise RuntimeError(f"{prefix}: the set of params with a gradient changed ({len(run.active)} of "
                                f"{len(bucket.params)} now): a captured step would update the old set")
-        if last != tuple(run.grad_ptrs):
+        if last != run.grad_ptrs:
             moved = next(i for i, (a, b) in enumerate(zip(last, run.grad_ptrs, strict=True)) if a != b)
             raise RuntimeError(f"{prefix}: the gradient of param {moved} of shape {tuple(bucket.params[moved].shape)} "
                                "moved since the last step (a new tensor, or a copy because it is not in its param's "
@@ -113,7 +117,7 @@ class TritonExecutor:
         bucket = run.bucket
         if run.kernel_grads is None:  # a run not checked by FusedOptimizer.step
             run.kernel_grads = self._kernel_grads(run)
-            run.grad_ptrs = [0 if g is None else g.data_ptr() for g in run.kernel_grads]
+            run.grad_ptrs = _addresses(run.kernel_grads, len(run.active) == len(bucket.params))
         grads = run.kernel_grads
         cache = _stage_in(bucket)
         self._step(run, grads)
@@ -216,7 +220,7 @@ class TritonExecutor:
                             **kwargs)
 
     @staticmethod
-    def _tables(bucket: Bucket, active: tuple[int, ...], grad_ptrs: list[int], kind: str) -> kernels.Tables:
+    def _tables(bucket: Bucket, active: tuple[int, ...], grad_ptrs: Sequence[int], kind: str) -> kernels.Tables:
         """The tables for these tensors and grad addresses. Alignment is the kernel's business, per chunk."""
         cache: Tables = bucket.tables
         chunks = cache.chunks.get(active)
@@ -240,6 +244,13 @@ class TritonExecutor:
             else:
                 cache.sync_pointers = pointers
         return kernels.Tables(pointers.device, chunks.packed, chunks.sizes)
+
+
+def _addresses(grads: list[torch.Tensor | None], all_present: bool) -> tuple[int, ...]:
+    """The grads' data pointers (0 for None); map keeps the loop in C when every tensor has one (161: 4 µs)."""
+    if all_present:
+        return tuple(map(torch.Tensor.data_ptr, grads))
+    return tuple(0 if g is None else g.data_ptr() for g in grads)
 
 
 def _stage_in(bucket: Bucket) -> Tables:
