@@ -83,6 +83,7 @@ class _SyncWrapper(Optimizer):
         # Optimizer.__init__ would build param groups of its own; ours are the base's, so set up the rest
         # of what torch.optim.Optimizer expects (hooks, the step patch for LR schedulers) here.
         self.base_optimizer = base_optimizer
+        self._min_period = min_period
         self._settings = dict(sync_rate=float(sync_rate), sync_period=sync_period)
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):
@@ -205,6 +206,26 @@ class _SyncWrapper(Optimizer):
     def _load_wrapper_state(self, p: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
         local(self.state[p]["slow_param"]).copy_(local_value(saved["slow_param"], p).reshape(local(p).shape))
 
+    def _check_counters(self, counters: dict[str, Any]) -> None:
+        """The loaded counters, checked before anything is loaded: what the constructor checks, and fast_steps."""
+        name = type(self).__name__
+        fast_steps, sync_rate, sync_period = (counters[key] for key in self.GROUP_KEYS)
+        if isinstance(fast_steps, bool) or not isinstance(fast_steps, int) or fast_steps < 0:
+            raise ValueError(f"{name}: the loaded fast_steps must be an int >= 0, got {fast_steps!r}")
+        if isinstance(sync_rate, bool) or not isinstance(sync_rate, (int, float)) or not 0.0 <= sync_rate <= 1.0:
+            raise ValueError(f"{name}: the loaded sync_rate must be a number in [0, 1], got {sync_rate!r}")
+        if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < self._min_period:
+            raise ValueError(f"{name}: the loaded sync_period must be an int >= {self._min_period}, got "
+                             f"{sync_period!r}")
+
+    def _check_wrapper_entry(self, i: int, p: torch.Tensor, saved: dict[str, Any], sync_period: int) -> None:
+        """Param i's loaded wrapper state, checked before anything is loaded: the slow weights' size and type."""
+        slow = saved["slow_param"]
+        if not isinstance(slow, torch.Tensor) or not slow.is_floating_point() or slow.numel() != p.numel():
+            raise ValueError(f"slow weights of param {i} have shape "
+                             f"{tuple(slow.shape) if isinstance(slow, torch.Tensor) else type(slow).__name__}, "
+                             f"the param {tuple(p.shape)}")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a wrapper state_dict (this format, the earlier one with a ``"wrapper"`` entry, or a state_dict that
         ``torch.distributed.checkpoint`` rebuilt: params named by FQN). A plain base state_dict (no slow weights)
@@ -235,12 +256,11 @@ class _SyncWrapper(Optimizer):
             missing = [i for i, p in enumerate(params) if saved[p] is None or set(self.STATE_KEYS) - set(saved[p])]
             if missing:
                 raise ValueError(f"the state dict holds no {'/'.join(self.STATE_KEYS)} for params {missing[:5]}")
-            for i, p in enumerate(params):
-                if saved[p]["slow_param"].numel() != p.numel():
-                    raise ValueError(f"slow weights of param {i} have shape {tuple(saved[p]['slow_param'].shape)}, "
-                                     f"the param {tuple(p.shape)}")
             if len(counters) != len(self.GROUP_KEYS):
                 raise ValueError(f"the state dict has slow weights but not the counters {self.GROUP_KEYS}")
+            self._check_counters(counters)
+            for i, p in enumerate(params):
+                self._check_wrapper_entry(i, p, saved[p], int(counters["sync_period"]))
         base_state = {pid: {k: v for k, v in entry.items() if k not in self.STATE_KEYS}
                       for pid, entry in state_dict["state"].items()}
         base_groups = [{k: v for k, v in group.items() if k not in self.GROUP_KEYS} for group in groups]
@@ -261,10 +281,12 @@ class _SyncWrapper(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"base_optimizer": self.base_optimizer, "_settings": self._settings, "_holder": self._holder,
-                "fast_steps": self.fast_steps, "_rate": self._rate, "_fused_sync": self._fused_sync}
+                "fast_steps": self.fast_steps, "_rate": self._rate, "_fused_sync": self._fused_sync,
+                "_min_period": self._min_period}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_min_period", 1)
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):
             self.__dict__.setdefault(f"_optimizer_{name}_hooks", OrderedDict())
@@ -411,6 +433,18 @@ class Scout(_SyncWrapper):
             snapshots = DTensor.from_local(snapshots, p.device_mesh, placements, shape=torch.Size(shape),
                                            stride=stride, run_check=False)
         return {**super()._wrapper_state(p), "snapshots": snapshots}
+
+    def _check_wrapper_entry(self, i: int, p: torch.Tensor, saved: dict[str, Any], sync_period: int) -> None:
+        super()._check_wrapper_entry(i, p, saved, sync_period)
+        snapshots = saved["snapshots"]
+        if sync_period != self.sync_period:
+            raise ValueError(f"Scout: the state dict's sync_period {sync_period} is not this Scout's "
+                             f"{self.sync_period}: its ring holds one snapshot per step of a period")
+        if (not isinstance(snapshots, torch.Tensor) or not snapshots.is_floating_point()
+                or snapshots.numel() != sync_period * p.numel()):
+            got = tuple(snapshots.shape) if isinstance(snapshots, torch.Tensor) else type(snapshots).__name__
+            raise ValueError(f"snapshots of param {i} must be a floating-point [{sync_period}, *{tuple(p.shape)}] "
+                             f"tensor, got {got}")
 
     def _load_wrapper_state(self, p: torch.Tensor, saved: dict[str, torch.Tensor]) -> None:
         super()._load_wrapper_state(p, saved)

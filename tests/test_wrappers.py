@@ -292,3 +292,62 @@ def test_triton_sync_of_a_torch_base_matches_reference():
         if p.dtype == torch.float32:  # the same torch SGD steps; only the sync differs
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
             assert_tensor_state_close(oa.state[p]["slow_param"], ob.state[q]["slow_param"], "slow")
+
+
+_WRAPPER_SPOILS = {
+    "fast_steps negative": lambda sd: [g.update(fast_steps=-1) for g in sd["param_groups"]],
+    "fast_steps not an int": lambda sd: [g.update(fast_steps="3") for g in sd["param_groups"]],
+    "sync_period 0": lambda sd: [g.update(sync_period=0) for g in sd["param_groups"]],
+    "sync_rate 2": lambda sd: [g.update(sync_rate=2.0) for g in sd["param_groups"]],
+    "slow weights of the wrong size": lambda sd: sd["state"][0].update(slow_param=torch.zeros(2)),
+    "slow weights of ints": lambda sd: sd["state"][0].update(slow_param=sd["state"][0]["slow_param"].long()),
+    "no slow weights for one param": lambda sd: sd["state"][1].pop("slow_param"),
+    "snapshots of the wrong size": lambda sd: sd["state"][0].update(snapshots=torch.zeros(2)),
+    "another sync_period": lambda sd: [g.update(sync_period=4) for g in sd["param_groups"]],
+    "bad base state": lambda sd: sd["state"][0].update(step="x"),
+}
+
+
+@pytest.mark.parametrize("spoil", list(_WRAPPER_SPOILS))
+@pytest.mark.parametrize("wrapper", ["lookahead", "scout"])
+def test_a_bad_wrapper_state_dict_loads_nothing(wrapper, spoil):
+    """The wrapper's entries (counters, slow weights, Scout's snapshots) are checked with the base's before anything
+    is loaded: a bad one raises and the wrapper, its base and their state are as they were."""
+    import copy
+
+    from fusedoptim import LAMB, Lookahead, Scout
+
+    if wrapper == "lookahead" and spoil in ("snapshots of the wrong size", "another sync_period"):
+        pytest.skip("Lookahead keeps no snapshots, and may load another sync_period")
+    cls = Lookahead if wrapper == "lookahead" else Scout
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.randn(5), torch.randn(4, 3)]
+        return params, cls(LAMB(params, lr=1e-2, backend="cpu"), sync_period=3)
+
+    params, opt = make()
+    twin_params, twin = make()
+    for o, ps in ((opt, params), (twin, twin_params)):
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            o.step()
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        group["lr"] = 0.5  # valid, and must not land either
+    if spoil != "bad base state":
+        sd["state"][0]["step"] = sd["state"][0]["step"] + 7  # valid too
+    _WRAPPER_SPOILS[spoil](sd)
+    with pytest.raises((ValueError, KeyError)):
+        opt.load_state_dict(sd)
+    assert opt.fast_steps == twin.fast_steps and opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
+    for o, ps in ((opt, params), (twin, twin_params)):
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.5)
+            o.step()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+        for name, value in twin.state[q].items():
+            assert torch.equal(opt.state[p][name], value), name
