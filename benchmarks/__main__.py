@@ -1,6 +1,8 @@
 """The benchmark CLI: ``python -m benchmarks`` times every optimizer step implementation on this device.
 
-Prints a markdown table and writes ``<out>/<device>.csv``, ``.md`` and ``.png``. The device is picked
+Prints a markdown table and writes ``<out>/<device>.csv``, ``.md`` and ``.png``, by default into
+``bench-results/<device>-<time>/`` (git-ignored: a run leaves the checkout clean); ``--refresh-reference`` writes
+the committed ``benchmarks/results/`` instead. The device is picked
 by itself (CUDA when there is one), and so are the defaults: on CPU, ResNet-50 in fp32 and bf16 with a
 few timed steps (about 3 minutes on 2 cores); on a GPU, every profile with 50 timed steps.
 """
@@ -8,6 +10,7 @@ few timed steps (about 3 minutes on 2 cores); on a GPU, every profile with 50 ti
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import re
 import sys
@@ -19,6 +22,15 @@ from .harness import DTYPES, Environment, Settings, run, write_csv
 from .profiles import PROFILES
 from .registry import ALGORITHMS, BY_NAME, implementations
 from .report import markdown, plot
+
+#: The committed reference results (--refresh-reference); a plain run never writes into the tracked tree.
+REFERENCE_DIR = Path(__file__).resolve().parent / "results"
+
+
+def default_out(stem: str, now: datetime.datetime | None = None) -> Path:
+    """``bench-results/<device>-<YYYYmmdd-HHMMSS>/`` under the current directory (git-ignored in a checkout)."""
+    return Path("bench-results") / f"{stem}-{(now or datetime.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+
 
 #: Defaults per device type: (profiles, dtypes, steps, warmup, min_steps, max_seconds).
 #: CPU: on 2 busy cores an unfused step over ResNet-50 takes 0.5-5 s (torch's fused AdamW 0.15 s), so each
@@ -59,8 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, help="stop timing an implementation after this (past --min-steps)")
     p.add_argument("--warmup", type=int, help="untimed steps after the first step")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                   help="directory for <device>.csv / .md / .png")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for <device>.csv / .md / .png (default: bench-results/<device>-<time>/ under the "
+                        "current directory, git-ignored)")
+    p.add_argument("--refresh-reference", action="store_true",
+                   help=f"write into {REFERENCE_DIR.relative_to(REFERENCE_DIR.parents[1])}/ instead: the committed "
+                        "reference results, refreshed only when asked")
     p.add_argument("--list", action="store_true", help="list what would run and what is skipped, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -93,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     described = (f"steps: first + {settings.warmup} warm-up + {settings.min_steps}–{settings.steps} timed "
                  f"(≤ {settings.max_seconds:g} s each)" + load)
     report = markdown(rows, skips, described)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / f"{stem}.csv")
-    (args.out / f"{stem}.md").write_text(f"# fusedoptim optimizer-step benchmark: {env.device}\n\n{report}")
-    plot(rows, args.out / f"{stem}.png")
+    out = REFERENCE_DIR if args.refresh_reference else args.out or default_out(stem)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / f"{stem}.csv")
+    (out / f"{stem}.md").write_text(f"# fusedoptim optimizer-step benchmark: {env.device}\n\n{report}")
+    plot(rows, out / f"{stem}.png")
     print(report)
-    print(f"wrote {args.out / stem}.csv, .md, .png", file=sys.stderr)
+    print(f"wrote {out / stem}.csv, .md, .png", file=sys.stderr)
     return 0
 
 

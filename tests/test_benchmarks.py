@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,23 @@ def test_speedup_divides_the_anchor_steps_taken_in_turn():
     # without anchor steps (a run alone), no speed-up is reported rather than a ratio of nothing
     alone = Result("adan", "fusedoptim-reference", "p", "fp32", 440, 10, Timing(9.0, [1.0, 2.0], None))
     assert {r.metric for r in alone.rows(env, 1.0)}.isdisjoint({"speedup", "gbps_ratio"})
+
+
+def test_cli_writes_outside_the_tracked_tree_by_default(tmp_path, monkeypatch):
+    """A plain run writes bench-results/<device>-<time>/ under the current directory (git-ignored) and leaves the
+    committed benchmarks/results/ alone; only --refresh-reference writes there."""
+    import datetime
+
+    reference = {p.name: p.stat().st_mtime_ns for p in cli.REFERENCE_DIR.iterdir() if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    cli.main(["--device", "cpu", "--profiles", "resnet50_l1", "--dtypes", "fp32", "--optimizers", "adamw",
+              "--impls", "torch-foreach", "--steps", "1", "--min-steps", "1", "--warmup", "0", "--no-progress"])
+    (run,) = (tmp_path / "bench-results").iterdir()
+    assert run.name.startswith("cpu-") and {p.name for p in run.iterdir()} == {"cpu.csv", "cpu.md", "cpu.png"}
+    assert {p.name: p.stat().st_mtime_ns for p in cli.REFERENCE_DIR.iterdir() if p.is_file()} == reference
+    assert cli.default_out("cpu", datetime.datetime(2026, 12, 3, 14, 5, 9)) == Path("bench-results/cpu-20261203-140509")
+    ignored = (Path(cli.__file__).resolve().parents[1] / ".gitignore").read_text().split()
+    assert "bench-results/" in ignored
 
 
 def test_cli_writes_csv_markdown_and_png(tmp_path, capsys):
