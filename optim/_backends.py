@@ -75,10 +75,10 @@ class Executor(Protocol):
         """Check that the bucket's params suit the backend (ValueError if not), before any state is adopted."""
 
     def step(self, run: Run) -> None:
-        """Every pass of one step over the bucket, after advancing the steps of ``run.active`` (the rules see the
-        new steps; the Triton kernels advance them themselves): params and states updated, and for a
-        two-pass rule ``bucket.sums`` / ``bucket.factors`` and the per-tensor states; with ``run.sync_rate``,
-        Lookahead's sync of the tensors stepped."""
+        """Called after ``check_run`` on the same run. Every pass of one step over the bucket, after advancing the
+        steps of ``run.active`` (the rules see the new steps; the Triton kernels advance them themselves): params
+        and states updated, and for a two-pass rule ``bucket.sums`` / ``bucket.factors`` and the per-tensor
+        states; with ``run.sync_rate``, Lookahead's sync of the tensors stepped."""
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
         """Lookahead's sync of the listed tensors: slow ← slow + rate·(θ − slow); θ ← slow."""

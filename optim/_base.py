@@ -20,7 +20,7 @@ from torch.optim.optimizer import ParamsT
 
 from ._backends import BACKENDS, Backend, Run, select
 from ._distributed import Sharding, check_grad, local, sharding_of
-from ._layout import Bucket, adopt_state, build_bucket
+from ._layout import Bucket, adopt_state, build_bucket, byte_span
 from ._rule import Rule
 
 #: Set while a group's hyperparameters are checked by building an optimizer on them (its own groups need no check).
@@ -201,10 +201,7 @@ class FusedOptimizer(Optimizer):
             t = local(p)
             if t.numel() == 0 or t.device.type == "meta":
                 continue
-            size = t.element_size()
-            begin = t.data_ptr()
-            end = begin + size * (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)))
-            spans.setdefault(t.untyped_storage().data_ptr(), []).append((begin, end, t))
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append((*byte_span(t), t))
         for entries in spans.values():  # a sweep: each span against the earlier ones it starts inside of
             entries.sort(key=lambda e: e[0])
             active: list[tuple[int, torch.Tensor]] = []
@@ -397,10 +394,8 @@ class FusedOptimizer(Optimizer):
     def _lr_on(self, device: torch.device, lr: torch.Tensor) -> torch.Tensor:
         """A tensor lr as the kernels read it: fp32[1] on ``device``, a view when it is one already (the usual
         torch.compile and CUDA-graph recipe: an fp32 0-d tensor on the params' device, which a scheduler updates in
-        place); otherwise a copy made on the device (a CPU lr for CUDA params: an async host-to-device copy)."""
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"{type(self).__name__}: a tensor lr must be a 1-element floating-point tensor, got "
-                             f"shape {tuple(lr.shape)} {lr.dtype}")
+        place); otherwise a copy made on the device (a CPU lr for CUDA params: an async host-to-device copy). The
+        group check (``_check_group``, check_lr) has refused any other than a 1-element floating-point tensor."""
         return lr.detach().to(device, torch.float32, non_blocking=True).reshape(1)
 
     def _checked_grad(self, bucket: Bucket, i: int, grad: torch.Tensor) -> torch.Tensor:
@@ -525,8 +520,7 @@ class FusedOptimizer(Optimizer):
                                      f"finite{' non-negative' if name == 'step' else ''} number or 1-element "
                                      f"tensor, got {value!r}")
             elif isinstance(value, torch.Tensor):
-                n = local(value).numel() if local(value) is not value else value.numel()
-                if value.numel() != p.numel() and n != local(p).numel():
+                if value.numel() != p.numel() and local(value).numel() != local(p).numel():  # whole, or the shard
                     raise ValueError(f"state {name!r} of a param of shape {shape} has {value.numel()} elements in "
                                      "the loaded state dict")
                 if not value.is_floating_point():

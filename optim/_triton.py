@@ -53,7 +53,7 @@ class Tables:
 
     step_counters: torch.Tensor  # int32[T] zeros: the kernel counts each tensor's finished programs in it
     staging: dict[int, torch.Tensor]  # a contiguous copy of each param with gaps, stepped in its place
-    param_ptrs: list[int]  # what the kernels update: the params' addresses, or their staging copies'
+    param_ptrs: tuple[int, ...]  # what the kernels update: the params' addresses, or their staging copies'
     source_ptrs: list[int]  # the params' addresses these were made for (bucket.param_ptrs)
     chunks: dict[tuple[int, ...], ChunkTables] = field(default_factory=dict)
     step_pointers: PointerTable | None = None
@@ -114,17 +114,15 @@ class TritonExecutor:
                                "zero_grad(set_to_none=False), or backward into static grads")
 
     def step(self, run: Run) -> None:
+        """After ``check_run``, which read the grads as the kernels take them (``run.kernel_grads``, kept alive
+        through the launches, and their addresses)."""
         bucket = run.bucket
-        if run.kernel_grads is None:  # a run not checked by FusedOptimizer.step
-            run.kernel_grads = self._kernel_grads(run)
-            run.grad_ptrs = _addresses(run.kernel_grads, len(run.active) == len(bucket.params))
-        grads = run.kernel_grads
         cache = _stage_in(bucket)
-        self._step(run, grads)
+        self._step(run)
         if cache.staging:
             _stage_out(cache, bucket)
 
-    def _step(self, run: Run, grads: list[torch.Tensor | None]) -> None:
+    def _step(self, run: Run) -> None:
         bucket, rule = run.bucket, run.rule
         tables = self._tables(bucket, run.active, run.grad_ptrs, "step")
         chunks = bucket.tables.chunks[run.active]
@@ -262,7 +260,8 @@ def _stage_in(bucket: Bucket) -> Tables:
     if cache is None or cache.source_ptrs is not ptrs:  # a new list when the params move (_base.py)
         staging = {i: torch.empty(t.shape, dtype=t.dtype, device=t.device)
                    for i, t in enumerate(bucket.tensors) if not bucket.in_place[i]}
-        param_ptrs = [staging[i].data_ptr() if i in staging else ptr for i, ptr in enumerate(ptrs)]
+        # a tuple: the pointer table's key takes it as it is, each step
+        param_ptrs = tuple(staging[i].data_ptr() if i in staging else ptr for i, ptr in enumerate(ptrs))
         if cache is None:
             cache = bucket.tables = Tables(torch.zeros(len(bucket.params), dtype=torch.int32, device=bucket.device),
                                            staging, param_ptrs, ptrs)

@@ -184,3 +184,17 @@ def assert_state_close(opt_a: FusedOptimizer, pa: torch.Tensor, opt_b: FusedOpti
             # fp32 (fp64 for fp64 params), or the param dtype for a copy of the grad (Adan's prev_grad)
             assert a.dtype == b.dtype == opt_a.state_dtype(name, pa.dtype), f"{what}: {name} dtype"
             assert_tensor_state_close(a, b, f"{what} {name}")
+
+
+def assert_steps_like_twin(opt, params, twin, twin_params, steps: int = 1) -> None:
+    """``steps`` more steps with the same grads on both, then params and states bitwise equal: what an optimizer
+    that refused a bad input must do next, against an untouched twin."""
+    for o, ps in ((opt, params), (twin, twin_params)):
+        for _ in range(steps):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.5)
+            o.step()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q)
+        for name, value in twin.state[q].items():
+            assert torch.equal(opt.state[p][name], value), name

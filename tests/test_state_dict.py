@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 from cases import FIRST_CASES, case_backends, case_named
+from helpers import assert_steps_like_twin
 
 BACKENDS = ["reference", "triton", "cpu"]
 
@@ -171,11 +172,4 @@ def test_a_bad_state_dict_loads_nothing(case, kind):
     with pytest.raises(error):
         opt.load_state_dict(sd)
     assert opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
-    for o, ps in ((opt, params), (twin, twin_params)):
-        for p in ps:
-            p.grad = torch.full_like(p, 0.5)
-        o.step()
-    for p, q in zip(params, twin_params, strict=True):
-        assert torch.equal(p, q)
-        for name, value in twin.state[q].items():
-            assert torch.equal(opt.state[p][name], value), name
+    assert_steps_like_twin(opt, params, twin, twin_params)

@@ -13,7 +13,7 @@ import pickle
 import pytest
 import torch
 from devices import DEVICE
-from helpers import assert_param_close, assert_tensor_state_close
+from helpers import assert_param_close, assert_steps_like_twin, assert_tensor_state_close
 
 from fusedoptim import LAMB, AdaBelief, AdEMAMix, Lookahead, Scout
 
@@ -342,12 +342,4 @@ def test_a_bad_wrapper_state_dict_loads_nothing(wrapper, spoil):
     with pytest.raises((ValueError, KeyError)):
         opt.load_state_dict(sd)
     assert opt.fast_steps == twin.fast_steps and opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
-    for o, ps in ((opt, params), (twin, twin_params)):
-        for _ in range(3):
-            for p in ps:
-                p.grad = torch.full_like(p, 0.5)
-            o.step()
-    for p, q in zip(params, twin_params, strict=True):
-        assert torch.equal(p, q)
-        for name, value in twin.state[q].items():
-            assert torch.equal(opt.state[p][name], value), name
+    assert_steps_like_twin(opt, params, twin, twin_params, steps=3)  # through a sync
