@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import DTYPES, Environment, Settings, run, write_csv
+from .harness import DTYPES, Environment, Settings, noise_warning, run, write_csv
 from .profiles import PROFILES
 from .registry import ALGORITHMS, BY_NAME, implementations
 from .report import markdown, plot
@@ -103,18 +103,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = Environment.detect(device)
     # Other processes on the cores change CPU timings several-fold: say how busy the machine was.
-    load = f" · load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores before the run" if device.type == "cpu" else ""
+    before = os.getloadavg()[0]
     rows, skips = run(profiles, dtypes, algorithms, args.impls, settings, env, progress=not args.no_progress)
+    load = (f" · machine load (1-min average) {before:.1f} before the run, {os.getloadavg()[0]:.1f} after, on "
+            f"{os.cpu_count()} cores")
     stem = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", env.device.lower()).strip("-")
     described = (f"steps: first + {settings.warmup} warm-up + {settings.min_steps}–{settings.steps} timed "
                  f"(≤ {settings.max_seconds:g} s each)" + load)
-    report = markdown(rows, skips, described)
+    report = markdown(rows, skips, described, load=load.replace(" ·", ";", 1))
     out = REFERENCE_DIR if args.refresh_reference else args.out or default_out(stem)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / f"{stem}.csv")
     (out / f"{stem}.md").write_text(f"# fusedoptim optimizer-step benchmark: {env.device}\n\n{report}")
     plot(rows, out / f"{stem}.png")
     print(report)
+    warning = noise_warning(rows, load.replace(" ·", ";", 1))
+    if warning is not None:  # also at the top of the table, but a table is easy to skim past
+        print(warning, file=sys.stderr)
     print(f"wrote {out / stem}.csv, .md, .png", file=sys.stderr)
     return 0
 

@@ -12,6 +12,11 @@ How one implementation is timed, on one parameter profile:
    each step is timed with ``time.perf_counter``. Each timed step is preceded by a timed step of the
    anchor, torch's fused AdamW on its own copy of the profile, so the speed-up is a ratio of steps taken
    under the same load.
+
+Noise: each speed-up is the ratio of the two steps of one round (anchor step / our step), so it is reported
+with its spread over the rounds (min, p20, median, p80, max). When the anchor's own rounds differ by more than
+``NOISE_THRESHOLD`` (max / min), the machine's speed changed during the run; every row of that implementation
+is then marked ``noisy`` (CSV column, table, chart), and the CLI prints one warning with the machine load.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,9 @@ class Row:
     p50: float
     p20: float
     p80: float
+    min: float
+    max: float
+    noisy: bool  # the anchor's rounds beside this implementation's varied by more than NOISE_THRESHOLD
     device: str
     torch: str
     triton: str
@@ -61,16 +69,25 @@ class Row:
 #: The CSV schema.
 FIELDS = tuple(f.name for f in dataclasses.fields(Row))
 
+#: A run is noisy when the anchor's rounds beside it spread by more than this (max / min). Measured on this 2-core
+#: machine (ResNet-50, fp32), quiet: torch fused AdamW's rounds beside one implementation spread 1.12-1.22x (20-30
+#: rounds of 19-24 ms); one background job's burst in a run made it 2-3x, and that run's ratio 0.87-1.84x.
+NOISE_THRESHOLD = 1.3
+
+#: The columns read back as floats.
+_FLOAT_FIELDS = ("p50", "p20", "p80", "min", "max")
+
 #: metric -> unit, in report order.
 METRICS = {
     "step_ms": "ms",          # time of one optimizer step
     "gbps": "GB/s",           # bytes model / step time
     "bw_pct": "%",            # gbps / copy bandwidth measured in the same run
-    "speedup": "x",           # torch fused AdamW's median step time / this step time
+    "speedup": "x",           # per round: torch fused AdamW's step time / this step time (taken in turn)
     "gbps_ratio": "x",        # this GB/s / torch fused AdamW's GB/s (the CPU target, docs/design.md#targets: >= 0.9)
     "first_step_ms": "ms",    # the first step alone: state allocation, JIT compilation
     "host_ms": "ms",          # CUDA only: host time to issue one step
     "bytes": "B/param",       # the bytes model: bytes a minimal step moves per parameter element
+    "anchor_spread": "x",     # max / min of the anchor's rounds taken in turn with these (> NOISE_THRESHOLD: noisy)
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -232,6 +249,12 @@ def quantiles(values: Iterable[float]) -> tuple[float, float, float]:
     return statistics.median(xs), deciles[1], deciles[7]
 
 
+def spread(values: Iterable[float]) -> tuple[float, float, float, float, float]:
+    """(median, p20, p80, min, max): a metric's five columns."""
+    xs = list(values)
+    return (*quantiles(xs), min(xs), max(xs))
+
+
 @dataclass
 class Result:
     """One implementation measured on one profile and dtype, with what its derived metrics need."""
@@ -250,35 +273,43 @@ class Result:
 
         Rates are decreasing functions of the step time, so they are computed from its quantiles: the
         p20 of GB/s is the rate at the p80 step time, and p50 GB/s x p50 ms is exactly the bytes model.
-        The speed-up divides the median of the anchor steps taken in turn with these steps; the GB/s ratio is
-        the same ratio weighted by the two bytes models (ours over torch fused AdamW's).
+        The speed-up is taken per round, the anchor's step over ours taken right after it under the same load,
+        and summarised over the rounds; the GB/s ratio is the same ratio weighted by the two bytes models (ours
+        over torch fused AdamW's). All rows are ``noisy`` when the anchor's rounds spread past NOISE_THRESHOLD.
         """
-        t50, t20, t80 = quantiles(self.timing.step_ms)
-        out = {"step_ms": (t50, t20, t80)}
+        step_ms = self.timing.step_ms
+        t50, t20, t80 = quantiles(step_ms)
+        out = {"step_ms": (t50, t20, t80, min(step_ms), max(step_ms))}
 
-        def rate(numerator: float) -> tuple[float, float, float]:
-            return numerator / t50, numerator / t80, numerator / t20
+        def rate(numerator: float) -> tuple[float, ...]:
+            return numerator / t50, numerator / t80, numerator / t20, numerator / max(step_ms), numerator / min(step_ms)
 
         out["gbps"] = rate(self.bytes_per_step / 1e6)  # bytes / ms / 1e6 = GB/s
         out["bw_pct"] = rate(100 * self.bytes_per_step / 1e6 / copy_gbps)
         is_anchor = (self.optimizer, self.impl) == ANCHOR
-        anchor_ms = self.timing.step_ms if is_anchor else self.timing.anchor_ms
+        anchor_ms = step_ms if is_anchor else self.timing.anchor_ms
+        noisy = False
         if anchor_ms:
-            out["speedup"] = rate(statistics.median(anchor_ms))
+            rounds = [a / ours for a, ours in zip(anchor_ms, step_ms, strict=True)] if not is_anchor else [1.0]
+            out["speedup"] = spread(rounds)
             if self.anchor_bytes_per_step:  # the same AdamW steps, each side at its own bytes model
-                out["gbps_ratio"] = rate(statistics.median(anchor_ms) * self.bytes_per_step
-                                         / self.anchor_bytes_per_step)
-        out["first_step_ms"] = (self.timing.first_ms,) * 3
+                weight = self.bytes_per_step / self.anchor_bytes_per_step
+                out["gbps_ratio"] = spread(r * weight for r in rounds)
+            anchor_spread = max(anchor_ms) / min(anchor_ms)
+            out["anchor_spread"] = (anchor_spread,) * 5
+            noisy = anchor_spread > NOISE_THRESHOLD
+        out["first_step_ms"] = (self.timing.first_ms,) * 5
         if self.timing.host_ms is not None:
-            out["host_ms"] = quantiles(self.timing.host_ms)
-        out["bytes"] = (self.bytes_per_step / self.numel,) * 3
-        return [Row(self.optimizer, self.impl, self.profile, self.dtype, metric, METRICS[metric], *values,
+            out["host_ms"] = spread(self.timing.host_ms)
+        out["bytes"] = (self.bytes_per_step / self.numel,) * 5
+        return [Row(self.optimizer, self.impl, self.profile, self.dtype, metric, METRICS[metric], *values, noisy,
                     *dataclasses.astuple(env)) for metric, values in out.items()]
 
 
 def copy_rows(samples: list[float], env: Environment) -> list[Row]:
     """The copy-bandwidth row: optimizer ``copy``, impl ``torch``, no profile."""
-    return [Row("copy", "torch", "-", "fp32", "gbps", "GB/s", *quantiles(samples), *dataclasses.astuple(env))]
+    noisy = max(samples) / min(samples) > NOISE_THRESHOLD
+    return [Row("copy", "torch", "-", "fp32", "gbps", "GB/s", *spread(samples), noisy, *dataclasses.astuple(env))]
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -289,7 +320,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer.writerow(FIELDS)
         for row in rows:
             values = dataclasses.astuple(row)
-            writer.writerow([f"{v:.4g}" if isinstance(v, float) else v for v in values])
+            writer.writerow([f"{v:.4g}" if isinstance(v, float) else int(v) if isinstance(v, bool) else v
+                             for v in values])
 
 
 def read_csv(path: Path) -> list[Row]:
@@ -297,7 +329,20 @@ def read_csv(path: Path) -> list[Row]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames or ()) == FIELDS, f"{path}: columns {reader.fieldnames}, expected {FIELDS}"
-        return [Row(**{k: float(v) if k in ("p50", "p20", "p80") else v for k, v in r.items()}) for r in reader]
+        return [Row(**{k: float(v) if k in _FLOAT_FIELDS else v == "1" if k == "noisy" else v for k, v in r.items()})
+                for r in reader]
+
+
+def noise_warning(rows: Sequence[Row], load: str = "") -> str | None:
+    """One line on the rows marked noisy, with the machine load (``load``), or None when none is."""
+    noisy = {(r.optimizer, r.impl, r.profile, r.dtype) for r in rows if r.noisy and r.optimizer != "copy"}
+    if not noisy:
+        return None
+    worst = max(r.p50 for r in rows if r.metric == "anchor_spread")
+    timed = {(r.optimizer, r.impl, r.profile, r.dtype) for r in rows if r.optimizer != "copy"}
+    return (f"WARNING: the machine's speed changed during the run{load}: in {len(noisy)} of {len(timed)} runs the "
+            f"baseline's own rounds differed by more than {NOISE_THRESHOLD}x (up to {worst:.2f}x). Their ratios are "
+            "shown as ranges, marked noisy; rerun on a quiet machine for headline figures.")
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ CSV can be re-rendered: ``python -m benchmarks.report benchmarks/results/cpu.csv
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .harness import Row, Skip, read_csv
+from .harness import NOISE_THRESHOLD, Row, Skip, noise_warning, read_csv
 from .profiles import PROFILES, numel
 
 Key = tuple[str, str]  # (optimizer, impl)
@@ -40,30 +41,47 @@ def _profile_title(profile: str, dtype: str) -> str:
     return f"{profile} · {dtype} · {numel(shapes) / 1e6:.1f} M params in {len(shapes)} tensors"
 
 
-def markdown(rows: Sequence[Row], skips: Sequence[Skip] = (), settings: str = "") -> str:
-    """The report: an environment line, then one table per (profile, dtype), then what was skipped."""
+def _ratio(row: Row | None) -> str:
+    """A ratio cell: the median over rounds with its min–max; a noisy row only its range, no headline figure."""
+    if row is None:
+        return "–"
+    if row.noisy:
+        return f"noisy: {row.min:.2f}–{row.max:.2f}"
+    return f"**{row.p50:.2f}** ({row.min:.2f}–{row.max:.2f})"
+
+
+def markdown(rows: Sequence[Row], skips: Sequence[Skip] = (), settings: str = "", load: str = "") -> str:
+    """The report: an environment line, the noise warning if any, then one table per (profile, dtype), then what
+    was skipped."""
     lines = []
     first = rows[0] if rows else None
     if first is not None:
         lines.append(f"**{first.device}** · {first.date} · commit `{first.commit}` · torch {first.torch} · "
                      f"triton {first.triton}" + (f" · {settings}" if settings else ""))
         lines.append("")
+    warning = noise_warning(rows, load)
+    if warning is not None:
+        lines += [f"> **{warning}**", ""]
     copy = copy_row(rows)
     if copy is not None:
         lines.append(f"Memory bandwidth measured in this run (`copy_`, read + write): **{_fmt(copy.p50)} GB/s** "
                      f"(p20 {_fmt(copy.p20)}, p80 {_fmt(copy.p80)}).")
         lines.append("")
+    lines += [f"Ratios are per round (the anchor's step, then ours, under the same load): median (min–max). "
+              f"*baseline spread* is max/min of the anchor's rounds in that run; over {NOISE_THRESHOLD:g} the row is "
+              "noisy and shows only its range.", ""]
     for (profile, dtype), impls in blocks(rows).items():
         lines += [f"### {_profile_title(profile, dtype)}", "",
                   "| optimizer | impl | B/param | ms/step p50 | p20–p80 | GB/s | % copy BW | × torch fused AdamW "
-                  "| × its GB/s | first step ms |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| × its GB/s | baseline spread | first step ms |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (optimizer, impl), m in impls.items():
             step = m["step_ms"]
-            speedup, ratio = (f"{m[name].p50:.2f}" if name in m else "–" for name in ("speedup", "gbps_ratio"))
+            spread = f"{m['anchor_spread'].p50:.2f}" if "anchor_spread" in m else "–"
             lines.append(f"| {optimizer} | {impl} | {_fmt(m['bytes'].p50)} | {_fmt(step.p50)} | "
                          f"{_fmt(step.p20)}–{_fmt(step.p80)} | {_fmt(m['gbps'].p50)} | {m['bw_pct'].p50:.0f} | "
-                         f"{speedup} | {ratio} | {_fmt(m['first_step_ms'].p50)} |")
+                         f"{_ratio(m.get('speedup'))} | {_ratio(m.get('gbps_ratio'))} | {spread} | "
+                         f"{_fmt(m['first_step_ms'].p50)} |")
         lines.append("")
     if skips:
         lines += ["Not run here:", ""]
@@ -86,7 +104,8 @@ _COLOURS = {"fusedoptim-triton": "#1b7837", "fusedoptim-cpu": "#5aae61", "fusedo
 
 def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
     """One row of two panels per (profile, dtype): speed-up against torch fused AdamW, and GB/s against
-    the copy bandwidth. Bars are medians, whiskers p20–p80."""
+    the copy bandwidth. Bars are medians; whiskers min–max over the rounds for the speed-up, p20–p80 for GB/s.
+    Noisy runs (the baseline's rounds disagreed) are hatched, pale and labelled "noisy"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,16 +120,27 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
                              gridspec_kw={"height_ratios": heights}, layout="constrained")
     for (profile, dtype), (ax_speed, ax_bw) in zip(groups, axes, strict=True):
         impls = groups[(profile, dtype)]
-        labels = [f"{optimizer} · {impl}" for optimizer, impl in impls]
+        noisy = [any(r.noisy for r in m.values()) for m in impls.values()]
+        labels = [f"{optimizer} · {impl}" + ("  (noisy)" if n else "")
+                  for (optimizer, impl), n in zip(impls, noisy, strict=True)]
         ys = range(len(impls))[::-1]
         colours = [_COLOURS.get(impl, "#999999") for _, impl in impls]
         for ax, metric in ((ax_speed, "speedup"), (ax_bw, "gbps")):
             vals = [m[metric] if metric in m else None for m in impls.values()]
             mids = [v.p50 if v else 0.0 for v in vals]
-            err = [[v.p50 - min(v.p20, v.p80) if v else 0.0 for v in vals],
-                   [max(v.p20, v.p80) - v.p50 if v else 0.0 for v in vals]]
-            ax.barh(list(ys), mids, xerr=err, color=colours, edgecolor="black", linewidth=0.4,
-                    error_kw={"elinewidth": 0.8, "capsize": 2})
+            if metric == "speedup":  # the spread over the rounds
+                low, high = ([getattr(v, q) if v else 0.0 for v in vals] for q in ("min", "max"))
+            else:
+                low = [min(v.p20, v.p80) if v else 0.0 for v in vals]
+                high = [max(v.p20, v.p80) if v else 0.0 for v in vals]
+            err = [[m - lo for m, lo in zip(mids, low, strict=True)],
+                   [hi - m for m, hi in zip(mids, high, strict=True)]]
+            bars = ax.barh(list(ys), mids, xerr=err, color=colours, edgecolor="black", linewidth=0.4,
+                           error_kw={"elinewidth": 0.8, "capsize": 2})
+            for bar, is_noisy in zip(bars, noisy, strict=True):
+                if is_noisy:
+                    bar.set_hatch("///")
+                    bar.set_alpha(0.45)
             ax.set_yticks(list(ys), labels if ax is ax_speed else [""] * len(labels), fontsize=8)
             ax.grid(axis="x", alpha=0.3, which="both")
             ax.tick_params(axis="x", labelsize=8)
@@ -149,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"no such file: {csv_path}")
     rows = read_csv(csv_path)
     print(markdown(rows))
+    warning = noise_warning(rows)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     plot(rows, csv_path.with_suffix(".png"))
 
 

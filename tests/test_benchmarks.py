@@ -6,6 +6,7 @@ The benchmark itself is not a test; these check that what it reports is computed
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -17,9 +18,21 @@ import torch
 import fusedoptim
 from benchmarks import __main__ as cli
 from benchmarks import gpu_kit
-from benchmarks.harness import FIELDS, Environment, Result, Settings, Timing, quantiles, time_steps
+from benchmarks.harness import (
+    FIELDS,
+    Environment,
+    Result,
+    Settings,
+    Timing,
+    noise_warning,
+    quantiles,
+    read_csv,
+    time_steps,
+    write_csv,
+)
 from benchmarks.profiles import PROFILES, numel
 from benchmarks.registry import ALGORITHMS, BY_NAME, backend_unavailable, bytes_per_step, implementations
+from benchmarks.report import markdown, plot
 
 
 @pytest.mark.parametrize(("name", "tensors", "elements"), [
@@ -96,10 +109,11 @@ def test_time_steps_stops_at_the_budget_and_alternates_with_the_anchor():
     assert quantiles([4.0, 1.0, 2.0, 3.0, 5.0]) == (3.0, pytest.approx(1.8), pytest.approx(4.2))
 
 
-def test_speedup_divides_the_anchor_steps_taken_in_turn():
-    """A result's speed-up is the median of the anchor's steps taken in turn with its own over its step time
-    quantiles (p20 of a rate at p80 of the time), and the GB/s ratio weights it by the two bytes models."""
-    timing = Timing(first_ms=9.0, step_ms=[1.0, 2.0, 4.0, 2.0, 1.0], host_ms=None, anchor_ms=[3.0, 6.0, 6.0, 5.0, 9.0])
+def test_speedup_is_taken_per_round_with_its_spread():
+    """A result's speed-up is, per round, the anchor's step over the step taken right after it, summarised over the
+    rounds (median, p20, p80, min, max); the GB/s ratio weights it by the two bytes models; step-time rates are
+    computed from the step time's quantiles (p20 of a rate at p80 of the time)."""
+    timing = Timing(first_ms=9.0, step_ms=[1.0, 2.0, 4.0, 2.0, 1.0], host_ms=None, anchor_ms=[3.0, 3.2, 3.0, 3.1, 3.0])
     result = Result("adan", "fusedoptim-reference", "p", "fp32", bytes_per_step=44 * 10, numel=10, timing=timing,
                     anchor_bytes_per_step=28 * 10)
     env = Environment("cpu", "t", "t", "c", "d")
@@ -107,17 +121,67 @@ def test_speedup_divides_the_anchor_steps_taken_in_turn():
     t50, t20, t80 = quantiles(timing.step_ms)
     assert (t50, t20, t80) == pytest.approx((2.0, 1.0, 2.4))
 
-    def p50_p20_p80(metric):
-        return rows[metric].p50, rows[metric].p20, rows[metric].p80
+    def columns(metric):
+        return rows[metric].p50, rows[metric].p20, rows[metric].p80, rows[metric].min, rows[metric].max
 
-    assert p50_p20_p80("step_ms") == (t50, t20, t80)
-    assert p50_p20_p80("speedup") == pytest.approx((6 / t50, 6 / t80, 6 / t20))  # median of the anchor's: 6
-    assert rows["gbps_ratio"].p50 == pytest.approx(3.0 * 44 / 28)
+    assert columns("step_ms") == (t50, t20, t80, 1.0, 4.0)
+    rounds = [3.0, 1.6, 0.75, 1.55, 3.0]
+    assert columns("speedup") == pytest.approx((*quantiles(rounds), 0.75, 3.0))
+    assert rows["gbps_ratio"].p50 == pytest.approx(1.6 * 44 / 28)
     assert rows["gbps"].p50 == pytest.approx(440 / 1e6 / t50) and rows["bytes"].p50 == 44
     assert rows["first_step_ms"].p50 == 9.0 and "host_ms" not in rows
+    assert rows["anchor_spread"].p50 == pytest.approx(3.2 / 3.0) and not any(r.noisy for r in rows.values())
     # without anchor steps (a run alone), no speed-up is reported rather than a ratio of nothing
     alone = Result("adan", "fusedoptim-reference", "p", "fp32", 440, 10, Timing(9.0, [1.0, 2.0], None))
-    assert {r.metric for r in alone.rows(env, 1.0)}.isdisjoint({"speedup", "gbps_ratio"})
+    assert {r.metric for r in alone.rows(env, 1.0)}.isdisjoint({"speedup", "gbps_ratio", "anchor_spread"})
+
+
+def _synthetic(ours_ms: list[float], anchor_ms: list[float]) -> list:
+    """The rows of one run of AdamW against itself at the given round times, with the anchor's own row."""
+    env = Environment("cpu", "t", "t", "c", "d")
+    ours = Result("adamw", "torch-foreach", "resnet50", "fp32", 28 * 10, 10, Timing(1.0, ours_ms, None, anchor_ms),
+                  anchor_bytes_per_step=28 * 10)
+    anchor = Result("adamw", "torch-fused", "resnet50", "fp32", 28 * 10, 10, Timing(1.0, list(anchor_ms), None),
+                    anchor_bytes_per_step=28 * 10)
+    return anchor.rows(env, 1.0) + ours.rows(env, 1.0)
+
+
+def test_a_step_twice_the_baselines_is_a_speedup_of_one_half_in_csv_and_table(tmp_path):
+    """Synthetic rounds where our step takes 2x the anchor's: the report says 0.5 (not 2), in the rows, the CSV
+    read back and the markdown table."""
+    rows = _synthetic([20.0, 22.0, 20.4, 21.0], [10.0, 11.0, 10.2, 10.5])
+    speedup = next(r for r in rows if r.impl == "torch-foreach" and r.metric == "speedup")
+    assert (speedup.p50, speedup.min, speedup.max) == pytest.approx((0.5, 0.5, 0.5))
+    write_csv(rows, tmp_path / "cpu.csv")
+    back = read_csv(tmp_path / "cpu.csv")  # every column round-trips, the numbers to the CSV's 4 significant digits
+    assert [dataclasses.replace(r, p50=0, p20=0, p80=0, min=0, max=0) for r in back] == [
+        dataclasses.replace(r, p50=0, p20=0, p80=0, min=0, max=0) for r in rows]
+    assert [dataclasses.astuple(r)[6:11] for r in back] == [
+        pytest.approx(dataclasses.astuple(r)[6:11], rel=1e-3) for r in rows]
+    table = markdown(rows)
+    line = next(x for x in table.splitlines() if x.startswith("| adamw | torch-foreach |"))
+    assert "**0.50** (0.50–0.50)" in line and "noisy:" not in table and "WARNING" not in table
+    assert noise_warning(rows) is None
+
+
+def test_a_noisy_baseline_marks_the_row_and_prints_no_headline_ratio(tmp_path):
+    """When the anchor's rounds disagree (max/min 2 > NOISE_THRESHOLD), every row of that run is noisy: the CSV
+    says so, the table gives only the range of its ratios, the chart hatches it, and one warning names the load."""
+    rows = _synthetic([20.0, 80.0, 21.0, 40.0], [10.0, 20.0, 10.0, 10.5])
+    ours = [r for r in rows if r.impl == "torch-foreach"]
+    assert all(r.noisy for r in ours) and {r.metric for r in ours} >= {"speedup", "step_ms", "anchor_spread"}
+    assert next(r for r in ours if r.metric == "anchor_spread").p50 == pytest.approx(2.0)
+    write_csv(rows, tmp_path / "cpu.csv")
+    with (tmp_path / "cpu.csv").open() as f:
+        noisy_column = {(r["impl"], r["noisy"]) for r in csv.DictReader(f)}
+    assert noisy_column == {("torch-foreach", "1"), ("torch-fused", "1")}  # the anchor's own rounds spread too
+    line = next(x for x in markdown(rows).splitlines() if x.startswith("| adamw | torch-foreach |"))
+    assert "noisy: 0.25–0.50" in line and "**" not in line  # a range, and no bold headline
+    warning = noise_warning(rows, "; load 3.9 on 2 cores")
+    assert warning.startswith("WARNING") and "load 3.9 on 2 cores" in warning and "2 of 2 runs" in warning
+    assert f"> **{warning}**" in markdown(rows, load="; load 3.9 on 2 cores")
+    plot(rows, tmp_path / "cpu.png")
+    assert (tmp_path / "cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_writes_outside_the_tracked_tree_by_default(tmp_path, monkeypatch):
