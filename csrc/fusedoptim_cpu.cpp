@@ -9,7 +9,8 @@
 // inv_grad_scale: torch.amp.GradScaler's inverse scale, by which the grads are multiplied as they are read
 // lr (None: hyper[0]): a tensor learning rate, fp32[1] on the CPU, read here in place of hyper[0] (every rule's lr)
 // slow / sync_rate (None: no sync) fuse Lookahead's sync into the last pass; keep_step with the params as grads
-// is the sync on its own. Only pybind11 and the Tensor caster, not <torch/extension.h>: that pulls in all of
+// is the sync on its own. scout_snapshot: Scout's ring and coherence sums (scout.cpp). Only pybind11 and the
+// Tensor caster, not <torch/extension.h>: that pulls in all of
 // libtorch's C++ frontend.
 #include <torch/csrc/utils/pybind.h>
 
@@ -100,4 +101,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   def_two_pass<ralars>(m, "ralars");
   def_two_pass<tadam>(m, "tadam");
   def_two_pass<adamp>(m, "adamp");
+  m.def("scout_snapshot", &scout_snapshot,
+        "Scout: the params into row slot of the ring (-1: none); with coherence, fp64 [tensors, 2] coherence sums",
+        py::arg("params"), py::arg("offsets"), py::arg("slow"), py::arg("ring"), py::arg("slot"),
+        py::arg("coherence"), py::arg("inv_period"), py::arg("inv_period_minus_one"),
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -3,6 +3,9 @@
 // build took 2 min on 2 cores. fusedoptim_cpu.cpp binds them.
 #pragma once
 
+#include <optional>
+#include <vector>
+
 #include "multi_tensor.h"
 
 namespace fusedoptim {
@@ -16,5 +19,12 @@ void lamb(const BucketArgs& a);
 void ralars(const BucketArgs& a);
 void tadam(const BucketArgs& a);
 void adamp(const BucketArgs& a);
+
+// Scout (scout.cpp): writes the params into row `slot` of the ring (-1: none); with coherence, returns fp64
+// [tensors, 2]: each tensor's sum of coherence ratios and count of entries that varied, the params being the
+// period's last snapshot.
+std::optional<at::Tensor> scout_snapshot(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets,
+                                         const at::Tensor& slow, const at::Tensor& ring, int64_t slot, bool coherence,
+                                         double inv_period, double inv_period_minus_one);
 
 }  // namespace fusedoptim

@@ -4,7 +4,7 @@
 ``_template.py`` the multi-tensor kernels that apply them; ``_launch.py`` the launcher and the table layout.
 """
 
-from . import adabelief, adamp, adan, ademamix, lamb, lars, lookahead, ralars, tadam
+from . import adabelief, adamp, adan, ademamix, lamb, lars, lookahead, ralars, scout, tadam
 from ._launch import (
     INTERPRETED,
     LAUNCH_COUNTS,
@@ -15,6 +15,7 @@ from ._launch import (
     TableSizes,
     block_size,
     device_ok,
+    launch_scout_snapshot,
     launch_segment_sum,
     launch_step,
     pack_chunk_table,
@@ -43,6 +44,7 @@ __all__ = [
     "device_ok",
     "lamb",
     "lars",
+    "launch_scout_snapshot",
     "launch_segment_sum",
     "launch_step",
     "lookahead",
@@ -50,6 +52,7 @@ __all__ = [
     "pack_chunk_table",
     "pack_pointers",
     "ralars",
+    "scout",
     "segment_sum_kernel",
     "segment_sum_options",
     "segment_sum_signature",

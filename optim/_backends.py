@@ -83,6 +83,11 @@ class Executor(Protocol):
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
         """Lookahead's sync of the listed tensors: slow ← slow + rate·(θ − slow); θ ← slow."""
 
+    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
+        """Scout: write the bucket's params into row ``slot`` (-1: none) of its ring of snapshots (flat [k, total],
+        laid out like the state buffers); with ``coherence``, return the fp64 [tensors, 2] coherence sums of the
+        ring (optim/scout.py), on the device. One call or launch per bucket."""
+
     def check_run(self, run: Run, owner: str, capturable: bool) -> None:
         """Phase 1 of a step, before anything is written: raise if a grad shares memory with its param (ValueError)
         or, with ``capturable``, if the step would change what a captured graph holds (RuntimeError)."""

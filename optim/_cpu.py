@@ -37,9 +37,9 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torc
 
 # One translation unit per optimizer, compiled in parallel by ninja (csrc/rules.h), and the bindings.
 SOURCES = ("fusedoptim_cpu.cpp", "adabelief.cpp", "adan.cpp", "ademamix.cpp", "lookahead.cpp", "lars.cpp", "lamb.cpp",
-            "ralars.cpp", "tadam.cpp", "adamp.cpp")
+            "ralars.cpp", "tadam.cpp", "adamp.cpp", "scout.cpp")
 HEADERS = ("_math.h", "finalize.h", "multi_tensor.h", "adabelief.h", "adan.h", "ademamix.h", "lars.h", "lamb.h",
-            "ralars.h", "tadam.h", "adamp.h", "lookahead.h", "rules.h")
+            "ralars.h", "tadam.h", "adamp.h", "lookahead.h", "scout.h", "rules.h")
 # -O3 vectorises the elementwise loops (`omp simd`); -fopenmp is what makes at::parallel_for use more than
 # one thread in a header-only build. -fno-math-errno lets std::sqrt become one vector instruction: with errno
 # semantics GCC emits a scalar sqrtss plus a libm call per element and nothing vectorises (AdaBelief 82 ms vs
@@ -303,6 +303,15 @@ class CpuExecutor:
                               [], [], False, bucket.states["slow_param"], sync_rate)
         for i, copy in copies:
             bucket.tensors[i].copy_(copy)
+
+    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
+        """Scout's ring row and coherence sums in one call over the bucket (csrc/scout.cpp); params with gaps are
+        read through a contiguous copy."""
+        from .scout import reciprocals
+
+        staged, _ = self._staged(bucket, tuple(range(len(bucket.params))))
+        return extension().scout_snapshot(staged, bucket.offsets, bucket.states["slow_param"], ring, slot, coherence,
+                                          *reciprocals(ring.shape[0] + 1))
 
 
 EXECUTOR = CpuExecutor()

@@ -63,6 +63,23 @@ class ReferenceExecutor:
             slow.lerp_(p.detach().to(slow.dtype), sync_rate.to(slow.dtype).reshape(()))
             p.copy_(slow)
 
+    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
+        """Scout: the params into row ``slot`` of the bucket's ring (-1: none); with ``coherence``, the fp64
+        [tensors, 2] coherence sums of the ring and the params (optim/scout.py), tensor by tensor."""
+        from . import scout
+
+        rows = []
+        for i, tensor in enumerate(bucket.tensors):
+            snapshots = scout.ring_view(bucket, ring, i)
+            if slot >= 0:
+                snapshots[slot].copy_(tensor)
+            if coherence:
+                rows.append(scout.coherence(bucket.view("slow_param", i), snapshots, tensor.detach())
+                            if tensor.numel() else torch.zeros(2, dtype=torch.float64, device=bucket.device))
+        if not coherence:
+            return None
+        return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=bucket.device)
+
     @staticmethod
     def _inputs(run: Run, i: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         bucket = run.bucket

@@ -37,6 +37,7 @@ class ChunkTables:
     empty_active: torch.Tensor | None  # fp32[T] mask of the tensors listed that have no element (no program)
     partials: torch.Tensor | None = None  # pass A's [chunks, num_sums] sums, kept: a step allocates nothing
     group_sums: torch.Tensor | None = None  # the segment sum's scratch, kept likewise
+    scout: tuple[torch.Tensor, torch.Tensor] | None = None  # Scout's fp64 [C, 2] partials and [T, 2] sums, kept
 
 
 @dataclass
@@ -205,6 +206,26 @@ class TritonExecutor:
                                 bucket.dtype, False,
                                 store_param=SYNC_PASS.store_param, store_state=SYNC_PASS.store_state,
                                 slow=bucket.states["slow_param"], sync_rate=sync_rate)
+
+    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
+        """Scout's ring row and coherence sums: one launch over the bucket (kernels/scout.py). The sums buffer is
+        the bucket's, kept between syncs (rows of tensors without elements stay 0): read it before the next sync."""
+        from .scout import reciprocals
+
+        cache = _stage_in(bucket)  # params with gaps are read from their staging copies
+        indices = tuple(range(len(bucket.params)))
+        tables = self._tables(bucket, indices, cache.param_ptrs, "sync")
+        sums = None
+        if coherence:
+            chunks = cache.chunks[indices]
+            if chunks.scout is None:
+                chunks.scout = (torch.zeros(tables.sizes.chunks, 2, dtype=torch.float64, device=bucket.device),
+                                torch.zeros(len(bucket.params), 2, dtype=torch.float64, device=bucket.device))
+            sums = chunks.scout
+        if tables.sizes.chunks:
+            kernels.launch_scout_snapshot(tables, bucket.states["slow_param"], ring, slot,
+                                          reciprocals(ring.shape[0] + 1), bucket.dtype, cache.step_counters, sums)
+        return None if sums is None else sums[1]
 
     @staticmethod
     def _launch(run: Run, tables: kernels.Tables, kernel_pass: KernelPass,

@@ -179,9 +179,9 @@ def test_scout_frozen_entry_and_validation():
         opt.step()
         assert torch.isfinite(p).all() and torch.isfinite(frozen).all()
     assert torch.isfinite(opt.last_rate())
-    # the k snapshots of all params: one preallocated flat ring buffer per bucket
+    # the k - 1 snapshots of all params (the params at a sync are the k-th): one preallocated flat ring per bucket
     storages = {opt.snapshots(q).untyped_storage().data_ptr() for q in (p, frozen)}
-    assert len(storages) == 1 and opt.snapshots(frozen).shape == (3, 4)
+    assert len(storages) == 1 and opt.snapshots(frozen).shape == (2, 4)
 
 
 def test_scout_rate_is_holocrons_statistic():
@@ -202,9 +202,7 @@ def test_scout_rate_is_holocrons_statistic():
     opt.base_optimizer.step()  # the k-th step, before the wrapper's statistic
     for h, p in zip(history, params, strict=True):
         h.append(p.clone())
-    opt.fast_steps += 1
-    for p in params:
-        opt.snapshots(p)[k - 1].copy_(p)
+    opt.fast_steps += 1  # last_rate(): the ring's k - 1 snapshots, then the params
     coherence = []
     for h in history:
         stack = torch.stack(h)
@@ -343,3 +341,141 @@ def test_a_bad_wrapper_state_dict_loads_nothing(wrapper, spoil):
         opt.load_state_dict(sd)
     assert opt.fast_steps == twin.fast_steps and opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
     assert_steps_like_twin(opt, params, twin, twin_params, steps=3)  # through a sync
+
+
+# ---------------------------------------------------------------------------------------------- Scout's fused sync
+SCOUT_BACKENDS = ["reference", "cpu", "triton"]
+
+
+def _scout_params(dtype):
+    """Ragged tensors: one of no element, one channels_last (its ring rows are in its memory order), one above a
+    C++ chunk (4096) and a Triton interpreter block."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(7, 5), (1,), (0,), (4, 3, 3, 3), (5000,)]
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    params[3] = params[3].to(memory_format=torch.channels_last)
+    return [p.to(DEVICE) for p in params]
+
+
+def _backend_ok(backend):
+    if backend == "cpu" and DEVICE.type != "cpu":
+        pytest.skip("the C++ backend runs on CPU tensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_scout_ring_and_coherence_sums_equal_the_reference_bitwise(backend, dtype):
+    """One call (C++) or launch (Triton) per bucket writes a ring row, or sums each tensor's coherence with the
+    params as the last snapshot: both bitwise the reference's (optim/scout.py), constant entries, an empty tensor
+    and a channels_last one included."""
+    _backend_ok(backend)
+    params = _scout_params(dtype)
+    results = {}
+    for name in ("reference", backend):
+        opt = Scout(torch.optim.SGD(params, lr=0.1), sync_period=4, backend=name)
+        (bucket,) = opt._holder.bucket_layout()
+        ring = opt._ring(bucket)
+        gen = torch.Generator().manual_seed(4)
+        ring.copy_(torch.randn(ring.shape, generator=gen))
+        ring[:, :10] = bucket.states["slow_param"][:10]  # entries that never moved: left out of the means
+        written = ring.clone()
+        executor = bucket.executor
+        assert executor.name == name
+        assert executor.snapshot(bucket, written, 1, False) is None
+        sums = executor.snapshot(bucket, ring, -1, True)
+        results[name] = (written, sums)
+    (ref_ring, ref_sums), (ring, sums) = results["reference"], results[backend]
+    assert torch.equal(ring, ref_ring) and torch.equal(sums, ref_sums)
+    assert sums.dtype == torch.float64 and sums.shape == (5, 2)
+    assert sums[2].tolist() == [0.0, 0.0] and sums[0, 1] == 35 - 10 and sums[4, 1] == 5000  # counts of entries varied
+    assert (sums[:, 0] <= sums[:, 1]).all() and (sums[[0, 1, 3, 4], 0] > 0).all()  # each ratio is in (0, 1]
+
+
+def _holocron_rate(opt, snapshots, params):
+    """The rate by holocron's formula (torch's std, mean and sums), left-out constant entries aside."""
+    coherences = []
+    for slow, snaps, p in zip(opt.slow_weights_list, snapshots, params, strict=True):
+        history = [slow.reshape(1, -1), snaps.reshape(snaps.shape[0], -1), p.reshape(1, -1)]
+        updates = torch.diff(torch.cat(history), dim=0)
+        deviation = (updates - updates.mean(0)).abs().amax(0)
+        varies = deviation > 0
+        if varies.any():
+            coherences.append((updates.std(0)[varies] / deviation[varies]).double().mean())
+    return max(1 - torch.stack(coherences).mean().item(), opt.sync_rate) if coherences else opt.sync_rate
+
+
+@pytest.mark.parametrize("backend", SCOUT_BACKENDS)
+def test_scout_steps_bitwise_alike_on_every_backend_and_as_holocron(backend):
+    """Scout around torch's SGD (the same base steps everywhere) on the C++ and Triton paths: the first sync's rate
+    is bitwise the reference's (the same history), every rate is holocron's formula, and params, slow weights and
+    snapshots follow the reference (each backend's interpolation is its own: torch's lerp_ fuses a multiply-add,
+    the C++ one does not, as for Lookahead)."""
+    _backend_ok(backend)
+    runs = {}
+    for name in {"reference", backend}:
+        params = [p.float().requires_grad_() for p in _scout_params(torch.float32)]
+        opt = Scout(torch.optim.SGD(params, lr=0.1), sync_rate=0.05, sync_period=3, backend=name)
+        rates = []
+        for step in range(1, 8):
+            for i, (p, g) in enumerate(zip(params, _grads(step, params), strict=True)):
+                p.grad = None if (i == 1 and step == 3) else g  # a param without a gradient on a sync step
+            if step % 3 == 0:  # the rate the sync is about to take, against holocron's formula
+                opt.base_optimizer.step()
+                opt.slow_weights_list = [opt.state[p]["slow_param"] for p in params]
+                expected = _holocron_rate(opt, [opt.snapshots(p) for p in params], [p.detach() for p in params])
+                rate = opt.last_rate()
+                assert rate.dtype == torch.float32 and rate.shape == () and rate.device == params[0].device
+                assert rate.item() == pytest.approx(expected, rel=1e-6)
+                rates.append(rate)
+                opt.fast_steps += 1
+                opt._after_base_step()
+            else:
+                opt.step()
+        runs[name] = (params, opt, rates)
+    ref_params, ref, ref_rates = runs["reference"]
+    params, opt, rates = runs[backend]
+    assert rates[0].item() == ref_rates[0].item()
+    assert [r.item() for r in rates] == pytest.approx([r.item() for r in ref_rates], rel=1e-6)
+    for i, (p, q) in enumerate(zip(params, ref_params, strict=True)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"param {i}")
+        assert_tensor_state_close(opt.state[p]["slow_param"], ref.state[q]["slow_param"], f"slow {i}")
+        assert_tensor_state_close(opt.snapshots(p), ref.snapshots(q), f"snapshots {i}")
+
+
+def test_scout_launches_once_per_bucket_on_triton():
+    from fusedoptim import kernels
+
+    params = _scout_params(torch.float32) + [torch.randn(9).bfloat16().to(DEVICE)]  # two buckets: two dtypes
+    opt = Scout(torch.optim.SGD(params, lr=0.1), sync_period=3, backend="triton")
+    for step in range(1, 4):
+        for p, g in zip(params, _grads(step, params), strict=True):
+            p.grad = g
+        before = dict(kernels.LAUNCH_COUNTS)
+        opt.step()
+        launched = {k: v - before.get(k, 0) for k, v in kernels.LAUNCH_COUNTS.items() if v != before.get(k, 0)}
+        # a snapshot per bucket; at the sync the coherence sums per bucket, then the sync per bucket
+        expected = {"scout_snapshot_kernel": 2} | ({"multi_tensor_step_kernel": 2} if step == 3 else {})
+        assert launched == expected, f"step {step}"
+
+
+def test_scout_loads_the_older_k_row_snapshots():
+    """Earlier versions saved k snapshots per param; the k-th (the params before the last sync) is never read, so
+    such a state dict loads, and steps as the current one."""
+    params, twin_params = _params(), _params()
+    opt = Scout(torch.optim.SGD(params, lr=0.1), sync_period=4)
+    for step in range(1, 7):
+        _step(opt, params, step)
+    saved = opt.state_dict()
+    assert saved["state"][0]["snapshots"].shape == (3, 7)
+    older = copy.deepcopy(saved)
+    for entry, p in zip(older["state"].values(), params, strict=True):
+        entry["snapshots"] = torch.cat([entry["snapshots"], p.detach().float().unsqueeze(0)])
+    twin = Scout(torch.optim.SGD(twin_params, lr=0.1), sync_period=4)
+    for step in range(1, 7):
+        _step(twin, twin_params, step)
+    twin.load_state_dict(older)
+    for step in range(7, 13):
+        _step(opt, params, step)
+        _step(twin, twin_params, step)
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q) and torch.equal(opt.snapshots(p), twin.snapshots(q))

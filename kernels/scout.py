@@ -1,0 +1,105 @@
+"""Scout's ring of snapshots and coherence sums: one launch per bucket (optim/scout.py is the reference, with the
+same fp32 operations in the same order; csrc/scout.h the C++ one).
+
+Program c covers chunk c of the bucket's chunk table (the step kernels' table). In the first k - 1 steps of a
+period it writes its params into row ``slot`` of the ring (k - 1 rows); at the sync (COHERENCE) it computes each
+element's ratio std(U) / max |U - mean| over the k updates U_s (slow weight to first snapshot, between snapshots,
+last snapshot to the params, the k-th snapshot, never stored), and stores the chunk's fp64 ratio sum and count of
+varying entries. The last program of a tensor to finish (an arrival counter, as the step kernel counts
+its steps) adds its tensor's chunk partials in chunk order, so the per-tensor sums are the same in every run:
+no atomics on the sums, no second launch.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _snapshot(ring, s, offset, mask, param, ring_stride, period):
+    """Snapshot s of the period: row s of the ring, the params for the last."""
+    if s == period - 1:
+        now = param
+    else:
+        now = tl.load(ring + s * ring_stride + offset, mask=mask, other=0.0)
+    return now
+
+
+@triton.jit
+def coherence(slow, ring, offset, mask, param, ring_stride, period, inv_period, inv_period_minus_one):
+    """Per element: (ratio, varies) as fp32 blocks (0 where masked off)."""
+    previous = tl.load(slow + offset, mask=mask, other=0.0)
+    # the updates' sum telescopes
+    mean = (param - previous) * inv_period
+    deviation = tl.zeros_like(mean)
+    squares = tl.zeros_like(mean)
+    for s in range(period):
+        now = _snapshot(ring, s, offset, mask, param, ring_stride, period)
+        d = (now - previous) - mean
+        deviation = tl.maximum(deviation, tl.abs(d))
+        square = d * d
+        if s == 0:
+            squares = square
+        else:
+            squares = squares + square
+        previous = now
+    varies = deviation > 0.0
+    # correctly rounded sqrt and division, as torch and C++ round them (tl.sqrt and `/` are approximate on GPU)
+    ratio = tl.math.div_rn(tl.sqrt_rn(squares * inv_period_minus_one), tl.where(varies, deviation, 1.0))
+    return tl.where(varies, ratio, 0.0), tl.where(varies, 1.0, 0.0)
+
+
+@triton.jit
+def scout_snapshot_kernel(
+    param_ptrs,      # int64[T]: data_ptr() of each param (PARAM_DTYPE, dense in its segment order)
+    state_offsets,   # int64[T]: start of tensor t's segment in the slow weights and in every row of the ring
+    chunk_tensor,    # int64[C], chunk_start, chunk_end: the step kernels' chunk table
+    chunk_start,
+    chunk_end,
+    segment_begin,   # int64[T]: tensor t's chunks are segment_begin[t] .. segment_end[t] - 1
+    segment_end,
+    slow,            # fp32 flat: the slow weights
+    ring,            # fp32 [k - 1, ring_stride]: the snapshots, row s taken at step s + 1 of the period
+    partials,        # fp64[C, 2]: each chunk's ratio sum and count (COHERENCE)
+    table,           # fp64[T, 2]: each tensor's sums, written by its last program (COHERENCE)
+    counters,        # int32[T]: zeros between launches: each tensor's finished programs
+    ring_stride,
+    slot,            # the row the params go into (-1: none)
+    period,
+    inv_period,      # fp32 1/k and 1/(k-1) (optim/scout.py: reciprocals)
+    inv_period_minus_one,
+    PARAM_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SUM_ROWS: tl.constexpr,  # partials the last program adds per step
+    COHERENCE: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    tensor = tl.load(chunk_tensor + chunk)
+    start = tl.load(chunk_start + chunk)
+    end = tl.load(chunk_end + chunk)
+    idx = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < end
+    param_ptr = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)) + idx
+    offset = tl.load(state_offsets + tensor) + idx
+    param = tl.load(param_ptr, mask=mask, other=0.0).to(tl.float32)
+    if slot >= 0:
+        tl.store(ring + slot * ring_stride + offset, param, mask=mask)
+    if COHERENCE:
+        ratio, varies = coherence(slow, ring, offset, mask, param, ring_stride, period, inv_period,
+                                  inv_period_minus_one)
+        tl.store(partials + 2 * chunk, tl.sum(ratio.to(tl.float64), axis=0))
+        tl.store(partials + 2 * chunk + 1, tl.sum(varies.to(tl.float64), axis=0))
+        first = tl.load(segment_begin + tensor)
+        last_chunk = tl.load(segment_end + tensor)
+        # every thread's store precedes the count (one thread's acq_rel atomic): the last program sees them all
+        tl.debug_barrier()
+        if tl.atomic_add(counters + tensor, 1, sem="acq_rel") == last_chunk - first - 1:
+            ratio_sum = tl.zeros((SUM_ROWS,), dtype=tl.float64)
+            count = tl.zeros((SUM_ROWS,), dtype=tl.float64)
+            for row0 in range(first, last_chunk, SUM_ROWS):
+                rows = row0 + tl.arange(0, SUM_ROWS).to(tl.int64)
+                # volatile: partials other programs stored are read from L2, never from a stale L1 line
+                ratio_sum += tl.load(partials + 2 * rows, mask=rows < last_chunk, other=0.0, volatile=True)
+                count += tl.load(partials + 2 * rows + 1, mask=rows < last_chunk, other=0.0, volatile=True)
+            tl.store(table + 2 * tensor, tl.sum(ratio_sum, axis=0))
+            tl.store(table + 2 * tensor + 1, tl.sum(count, axis=0))
+            tl.store(counters + tensor, 0)
