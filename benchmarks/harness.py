@@ -11,7 +11,8 @@ How one implementation is timed, on one parameter profile:
    events (device time) and the host time is kept too (a step can be launch- or Python-bound); on CPU
    each step is timed with ``time.perf_counter``. Each timed step is preceded by a timed step of the
    anchor, torch's fused AdamW on its own copy of the profile, so the speed-up is a ratio of steps taken
-   under the same load.
+   under the same load. A wrapper's sync steps (every ``sync_period``-th step, counted from the first) are
+   timed apart, at least two of them, each after an anchor step too, and left out of its step time.
 
 Noise: each speed-up is the ratio of the two steps of one round (anchor step / our step), so it is reported
 with its spread over the rounds (min, p20, median, p80, max). When the anchor's own rounds differ by more than
@@ -88,6 +89,8 @@ METRICS = {
     "host_ms": "ms",          # CUDA only: host time to issue one step
     "bytes": "B/param",       # the bytes model: bytes a minimal step moves per parameter element
     "anchor_spread": "x",     # max / min of the anchor's rounds taken in turn with these (> NOISE_THRESHOLD: noisy)
+    "sync_step_ms": "ms",     # a wrapper's sync step (not in step_ms)
+    "sync_x_base": "x",       # that sync step / a step of its base optimizer alone (same impl), in anchor steps
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -149,14 +152,19 @@ class Timing:
     step_ms: list[float]
     host_ms: list[float] | None  # CUDA only
     anchor_ms: list[float] | None = None  # the anchor's steps, taken in turn with these
+    sync_ms: list[float] = dataclasses.field(default_factory=list)  # a wrapper's sync steps (not in step_ms)
+    sync_anchor_ms: list[float] = dataclasses.field(default_factory=list)  # the anchor's steps taken in turn with them
 
 
-def time_steps(step: Callable[[], object], settings: Settings, anchor: Callable[[], object] | None = None) -> Timing:
+def time_steps(step: Callable[[], object], settings: Settings, anchor: Callable[[], object] | None = None,
+               sync_period: int = 1) -> Timing:
     """Time ``step`` as described in the module docstring: first step, warm-up, then timed steps.
 
     With ``anchor`` (torch fused AdamW's step on its own copy of the profile), every timed step is preceded
     by a timed anchor step, so the speed-up compares steps taken under the same machine load: on this
-    2-core machine a neighbour's burst can slow one implementation's whole run by 2x.
+    2-core machine a neighbour's burst can slow one implementation's whole run by 2x. With ``sync_period`` k > 1
+    (a wrapper), steps k, 2k, ... are its sync steps: timed into ``sync_ms`` (their anchor steps into
+    ``sync_anchor_ms``), and the timing goes on until two of them are in.
     """
     cuda = settings.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -170,12 +178,19 @@ def time_steps(step: Callable[[], object], settings: Settings, anchor: Callable[
     sync()
     records: list[tuple[Any, float]] = []
     anchor_records: list[tuple[Any, float]] = []
+    sync_records: list[tuple[Any, float]] = []
+    sync_anchor_records: list[tuple[Any, float]] = []
+    taken = 1 + settings.warmup  # steps so far, counted as the wrapper counts them
+    min_syncs = 2 if sync_period > 1 else 0
     start = time.perf_counter()
-    while len(records) < settings.steps and (len(records) < settings.min_steps
-                                             or time.perf_counter() - start < settings.max_seconds):
+    while len(records) + len(sync_records) < settings.steps and (
+            len(records) < settings.min_steps or len(sync_records) < min_syncs
+            or time.perf_counter() - start < settings.max_seconds):
+        taken += 1
+        is_sync = sync_period > 1 and taken % sync_period == 0
         if anchor is not None:
-            anchor_records.append(_record(anchor, cuda))
-        records.append(_record(step, cuda))
+            (sync_anchor_records if is_sync else anchor_records).append(_record(anchor, cuda))
+        (sync_records if is_sync else records).append(_record(step, cuda))
     sync()
 
     def device_ms(recs: list[tuple[Any, float]]) -> list[float]:
@@ -183,7 +198,8 @@ def time_steps(step: Callable[[], object], settings: Settings, anchor: Callable[
         return [events[0].elapsed_time(events[1]) if events else host for events, host in recs]
 
     return Timing(first_ms, device_ms(records), [h for _, h in records] if cuda else None,
-                  device_ms(anchor_records) if anchor is not None else None)
+                  device_ms(anchor_records) if anchor is not None else None, device_ms(sync_records),
+                  device_ms(sync_anchor_records))
 
 
 def _record(fn: Callable[[], object], cuda: bool) -> tuple[Any, float]:
@@ -267,6 +283,7 @@ class Result:
     numel: int
     timing: Timing
     anchor_bytes_per_step: float | None = None  # torch fused AdamW's bytes model on the same params
+    base_speedup: float | None = None  # a wrapper's: its base optimizer's median speed-up alone (same impl)
 
     def rows(self, env: Environment, copy_gbps: float) -> list[Row]:
         """The CSV rows of this result.
@@ -302,6 +319,13 @@ class Result:
         if self.timing.host_ms is not None:
             out["host_ms"] = spread(self.timing.host_ms)
         out["bytes"] = (self.bytes_per_step / self.numel,) * 5
+        if self.timing.sync_ms:
+            out["sync_step_ms"] = spread(self.timing.sync_ms)
+            if self.base_speedup and self.timing.sync_anchor_ms:
+                # in anchor steps, each side taken in turn with its own: (sync / anchor) x (anchor / base), so that
+                # the two runs' different machine loads cancel
+                out["sync_x_base"] = spread(ms / anchor * self.base_speedup for ms, anchor in
+                                            zip(self.timing.sync_ms, self.timing.sync_anchor_ms, strict=True))
         return [Row(self.optimizer, self.impl, self.profile, self.dtype, metric, METRICS[metric], *values, noisy,
                     *dataclasses.astuple(env)) for metric, values in out.items()]
 
@@ -396,7 +420,8 @@ def run(profiles: list[str], dtypes: list[str], algorithms: list[Algorithm], imp
             copies = fresh_copies(params, grads)
             try:
                 opt = impl.make(copies)
-                timing = time_steps(opt.step, settings, anchor=None if is_anchor else anchor_step)
+                timing = time_steps(opt.step, settings, anchor=None if is_anchor else anchor_step,
+                                    sync_period=algo.wrapper.sync_period if algo.wrapper is not None else 1)
             except Exception as exc:  # a peer's limitation is a result to report, ours is a bug
                 if impl.impl.startswith("fusedoptim") and "cannot run here" not in str(exc):
                     raise
@@ -423,6 +448,11 @@ def run(profiles: list[str], dtypes: list[str], algorithms: list[Algorithm], imp
     copy_gbps += copy_bandwidth(settings, copy_bytes)
     bar.update()
     rows = copy_rows(copy_gbps, env)
+    for profile, dtype, algo, impl in plan:  # a wrapper's sync step against its base optimizer's step
+        result, base = (results.get((profile, dtype, name, impl.impl)) for name in (impl.optimizer, algo.base))
+        if result is not None and base is not None and base.timing.anchor_ms:
+            result.base_speedup = statistics.median(
+                a / ours for a, ours in zip(base.timing.anchor_ms, base.timing.step_ms, strict=True))
     for profile, dtype, _, impl in plan:  # report in registry order
         if (profile, dtype, impl.optimizer, impl.impl) in results:
             rows += results[profile, dtype, impl.optimizer, impl.impl].rows(env, statistics.median(copy_gbps))

@@ -51,14 +51,18 @@ class Wrapper:
     """A wrapper (Lookahead) around the algorithm's optimizer.
 
     ``ours`` is the fusedoptim class name and its kwargs; ``peers`` maps a peer's impl label to its
-    ``("module:Class", kwargs)``. ``extra_bytes`` is the wrapper's traffic per param element per step,
-    used when our wrapper class does not report ``bytes_per_param`` itself.
+    ``("module:Class", kwargs)``. ``extra_bytes`` is the wrapper's traffic per param element on a step that does
+    not sync (used when our wrapper class does not report ``bytes_per_param`` itself), ``sync_extra_bytes`` on a
+    sync step; ``sync_period`` says which steps sync (every implementation counts from the first step), so that the
+    harness times them apart.
     """
 
     name: str
     ours: tuple[str, dict[str, Any]]
     peers: dict[str, tuple[str, dict[str, Any]]]
     extra_bytes: float = 0.0
+    sync_extra_bytes: float = 0.0
+    sync_period: int = 1
 
     def our_class(self) -> type[Optimizer] | None:
         """The fusedoptim wrapper class, or None while it does not exist on this branch."""
@@ -80,6 +84,7 @@ class Algorithm:
     ours: dict[str, Any] = field(default_factory=dict)
     wrapper: Wrapper | None = None
     bytes_per_param: Callable[[torch.dtype], float] | None = None
+    base: str | None = None  # a wrapper's line: the line of its base optimizer alone (its sync step is compared to it)
 
     def our_class(self) -> type[Optimizer] | None:
         """The fusedoptim class, or None while it does not exist on this branch."""
@@ -99,12 +104,19 @@ def _peers(timm: tuple[str, dict] | None = None, po: tuple[str, dict] | None = N
 
 
 #: Lookahead, fused into the base's last pass on sync steps: + 8 B (read and write the fp32 slow weights)
-#: once every k = 6 steps (docs/design.md#bytes-model).
+#: once every k = 6 steps (docs/design.md#bytes-model), nothing on the other steps.
 LOOKAHEAD = Wrapper("lookahead", ("Lookahead", dict(sync_rate=0.5, sync_period=6)), {
     "timm": ("timm.optim.lookahead:Lookahead", dict(alpha=0.5, k=6)),
     "pytorch-optimizer": ("pytorch_optimizer:Lookahead", dict(alpha=0.5, k=6)),
     "holocron": ("holocron.optim.wrapper:Lookahead", dict(sync_rate=0.5, sync_period=6)),
-}, extra_bytes=8 / 6)
+}, sync_extra_bytes=8, sync_period=6)
+
+#: Scout (holocron's): each of the first k - 1 steps of a period stores the params in the fp32 ring (+8 B: read θ,
+#: write a row); the sync step reads θ, the slow weights and the k - 1 rows for the coherence (+28 B, k = 6), then
+#: syncs (+16 B: read and write θ and the slow weights).
+SCOUT = Wrapper("scout", ("Scout", dict(sync_rate=0.5, sync_period=6)), {
+    "holocron": ("holocron.optim.wrapper:Scout", dict(sync_rate=0.5, sync_period=6)),
+}, extra_bytes=8, sync_extra_bytes=28 + 16, sync_period=6)
 
 ADAMW = Algorithm("adamw", None, _ADAM, bytes_per_param=_torch_adamw_bytes, peers=(
     Peer("torch-forloop", "torch.optim:AdamW", dict(foreach=False)),
@@ -142,7 +154,8 @@ ALGORITHMS: list[Algorithm] = [
     Algorithm("ademamix", "AdEMAMix", _ADAM, _peers(
         po=("pytorch_optimizer:AdEMAMix", dict(weight_decouple=True)),
         holocron=("holocron.optim:AdEMAMix", {}))),
-    dataclasses.replace(_ADABELIEF, name="lookahead-adabelief", wrapper=LOOKAHEAD),
+    dataclasses.replace(_ADABELIEF, name="lookahead-adabelief", wrapper=LOOKAHEAD, base="adabelief"),
+    dataclasses.replace(_ADABELIEF, name="scout-adabelief", wrapper=SCOUT, base="adabelief"),
 ]
 
 BY_NAME = {a.name: a for a in ALGORITHMS}
@@ -234,7 +247,8 @@ def implementations(algo: Algorithm, device: torch.device, dtype: torch.dtype
 
 
 def bytes_per_step(algo: Algorithm, params: list[torch.Tensor]) -> float:
-    """Bytes one step of ``algo`` must move over ``params``: our class's ``bytes_per_param`` model.
+    """Bytes one step of ``algo`` must move over ``params``: our class's ``bytes_per_param`` model (a wrapper's: on
+    a step that does not sync; its sync steps are timed apart).
 
     Every implementation of the algorithm is measured against this one model, so its GB/s is effective
     bandwidth: what a minimal fused implementation would need to move in the time it took.

@@ -69,18 +69,25 @@ def markdown(rows: Sequence[Row], skips: Sequence[Skip] = (), settings: str = ""
         lines.append("")
     lines += [f"Ratios are per round (the anchor's step, then ours, under the same load): median (min–max). "
               f"*baseline spread* is max/min of the anchor's rounds in that run; over {NOISE_THRESHOLD:g} the row is "
-              "noisy and shows only its range.", ""]
+              "noisy and shows only its range. A wrapper's sync steps are timed apart: *sync step ms*, and its ratio "
+              "to the base optimizer's step alone.", ""]
     for (profile, dtype), impls in blocks(rows).items():
         lines += [f"### {_profile_title(profile, dtype)}", "",
                   "| optimizer | impl | B/param | ms/step p50 | p20–p80 | GB/s | % copy BW | × torch fused AdamW "
-                  "| × its GB/s | baseline spread | first step ms |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| × its GB/s | baseline spread | sync step ms (× base step) | first step ms |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (optimizer, impl), m in impls.items():
             step = m["step_ms"]
             spread = f"{m['anchor_spread'].p50:.2f}" if "anchor_spread" in m else "–"
+            sync = "–"
+            if "sync_step_ms" in m:
+                sync = _fmt(m["sync_step_ms"].p50)
+                if "sync_x_base" in m:
+                    x = m["sync_x_base"]
+                    sync += f" ({x.min:.2f}–{x.max:.2f}×, noisy)" if x.noisy else f" ({x.p50:.2f}×)"
             lines.append(f"| {optimizer} | {impl} | {_fmt(m['bytes'].p50)} | {_fmt(step.p50)} | "
                          f"{_fmt(step.p20)}–{_fmt(step.p80)} | {_fmt(m['gbps'].p50)} | {m['bw_pct'].p50:.0f} | "
-                         f"{_ratio(m.get('speedup'))} | {_ratio(m.get('gbps_ratio'))} | {spread} | "
+                         f"{_ratio(m.get('speedup'))} | {_ratio(m.get('gbps_ratio'))} | {spread} | {sync} | "
                          f"{_fmt(m['first_step_ms'].p50)} |")
         lines.append("")
     if skips:

@@ -59,10 +59,38 @@ def test_bytes_model_matches_design_table(algo, dtype, expected):
     assert bytes_per_step(BY_NAME[algo], params) == expected * 22
 
 
-def test_lookahead_bytes_add_the_fused_sync():
+def test_wrapper_bytes_are_those_of_a_step_that_does_not_sync():
+    """A wrapper's sync steps are timed apart, so its bytes model is that of its other steps: Lookahead's are the
+    base's; Scout's store the params in its ring (+8 B)."""
     params = [torch.zeros(6)]
     base = bytes_per_step(BY_NAME["adabelief"], params)
-    assert bytes_per_step(BY_NAME["lookahead-adabelief"], params) == pytest.approx(base + 6 * 8 / 6)
+    assert bytes_per_step(BY_NAME["lookahead-adabelief"], params) == base
+    assert bytes_per_step(BY_NAME["scout-adabelief"], params) == base + 6 * 8
+    assert BY_NAME["scout-adabelief"].wrapper.sync_period == BY_NAME["scout-adabelief"].wrapper.ours[1]["sync_period"]
+
+
+def test_sync_steps_are_timed_apart_and_against_the_base_step():
+    """With a sync period k, steps k, 2k, ... (counted from the first step) go into sync_ms (their anchor steps into
+    sync_anchor_ms) until two are in; the rows give their spread and, in anchor steps, their ratio to the base
+    optimizer's step: (sync / anchor) x the base's speed-up, so that the two runs' machine loads cancel."""
+    calls, clock = [], iter(range(10_000))
+    settings = Settings(torch.device("cpu"), steps=50, warmup=1, min_steps=2, max_seconds=0.0)
+    timing = time_steps(lambda: calls.append(next(clock)), settings, anchor=lambda: calls.append("anchor"),
+                        sync_period=3)
+    # first (1), warm-up (2), then 3 = sync, 4, 5, 6 = sync: two syncs, and at least min_steps plain steps
+    assert calls == [0, 1] + ["anchor", 2, "anchor", 3, "anchor", 4, "anchor", 5]
+    assert len(timing.sync_ms) == len(timing.sync_anchor_ms) == 2
+    assert len(timing.step_ms) == len(timing.anchor_ms) == 2
+    # the sync steps take 5 and 12 anchor-ms of 1 and 2; the base alone ran at 0.8x the anchor (2.5 ms vs 2)
+    result = Result("scout-adabelief", "fusedoptim-cpu", "p", "fp32", 36 * 10, 10,
+                    Timing(1.0, [2.0, 2.2], None, [1.0, 1.0], sync_ms=[5.0, 12.0], sync_anchor_ms=[1.0, 2.0]), 280,
+                    base_speedup=0.8)
+    rows = {r.metric: r for r in result.rows(Environment("cpu", "t", "t", "c", "d"), 1.0)}
+    assert (rows["sync_step_ms"].p50, rows["sync_step_ms"].min, rows["sync_step_ms"].max) == (8.5, 5.0, 12.0)
+    x = rows["sync_x_base"]
+    assert (x.p50, x.min, x.max) == pytest.approx((4.4, 4.0, 4.8))
+    line = next(y for y in markdown(list(rows.values())).splitlines() if y.startswith("| scout-adabelief"))
+    assert "| 8.5 (4.40×) |" in line
 
 
 def test_backend_probe_skips_what_cannot_run_on_cpu(monkeypatch):
