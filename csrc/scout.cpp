@@ -7,7 +7,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 #include "multi_tensor.h"
@@ -51,19 +50,8 @@ void snapshot_bucket(const std::vector<at::Tensor>& params, const std::vector<in
       const auto* param = static_cast<const param_t*>(params[chunk.k].const_data_ptr()) + chunk.lo;
       double ratio_lanes[kLanes] = {};
       float count_lanes[kLanes] = {};
-      for (int64_t i = 0; i < n; i += kLanes) {
-        const int64_t m = std::min(kLanes, n - i);
-        const float* last;  // the params, the period's last snapshot: fp32 ones read in place
-        float converted[kLanes];
-        if constexpr (std::is_same_v<param_t, float>) {
-          last = param + i;
-        } else {
-          store_snapshot(param + i, converted, m);
-          last = converted;
-        }
-        coherence_block(slow + at + i, ring + at + i, last, stride, period, m, inv_period, inv_period_minus_one,
-                        ratio_lanes, count_lanes);
-      }
+      coherence_chunk(slow + at, ring + at, param, stride, period, n, inv_period, inv_period_minus_one, ratio_lanes,
+                      count_lanes);
       for (int64_t width = kLanes / 2; width > 0; width /= 2) {  // the lanes pairwise
         for (int64_t j = 0; j < width; ++j) {
           ratio_lanes[j] += ratio_lanes[j + width];
