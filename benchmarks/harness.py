@@ -16,8 +16,11 @@ How one implementation is timed, on one parameter profile:
 
 Noise: each speed-up is the ratio of the two steps of one round (anchor step / our step), so it is reported
 with its spread over the rounds (min, p20, median, p80, max). When the anchor's own rounds differ by more than
-``NOISE_THRESHOLD`` (max / min), the machine's speed changed during the run; every row of that implementation
-is then marked ``noisy`` (CSV column, table, chart), and the CLI prints one warning with the machine load.
+``NOISE_THRESHOLD`` (max / min), or their median drifts that far from the median of all the anchor's steps in the
+(profile, dtype) block, the machine's speed changed during the run; every row of that implementation is then marked
+``noisy`` (CSV column, table, chart), and the CLI prints one warning with the machine load. The drift catches a run
+whose few rounds were all slowed alike (under load, 3 rounds of AdamW at 1.3 s against its usual 20-80 ms agreed to
+1%, and gave TAdam a "3.66x").
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ METRICS = {
     "host_ms": "ms",          # CUDA only: host time to issue one step
     "bytes": "B/param",       # the bytes model: bytes a minimal step moves per parameter element
     "anchor_spread": "x",     # max / min of the anchor's rounds taken in turn with these (> NOISE_THRESHOLD: noisy)
+    "anchor_drift": "x",      # their median / the median of all the anchor's steps in the block (noisy beyond it)
     "sync_step_ms": "ms",     # a wrapper's sync step (not in step_ms)
     "sync_x_base": "x",       # that sync step / a step of its base optimizer alone (same impl), in anchor steps
 }
@@ -284,6 +288,7 @@ class Result:
     timing: Timing
     anchor_bytes_per_step: float | None = None  # torch fused AdamW's bytes model on the same params
     base_speedup: float | None = None  # a wrapper's: its base optimizer's median speed-up alone (same impl)
+    anchor_block_ms: float | None = None  # the median of all the anchor's steps in this (profile, dtype) block
 
     def rows(self, env: Environment, copy_gbps: float) -> list[Row]:
         """The CSV rows of this result.
@@ -315,6 +320,10 @@ class Result:
             anchor_spread = max(anchor_ms) / min(anchor_ms)
             out["anchor_spread"] = (anchor_spread,) * 5
             noisy = anchor_spread > NOISE_THRESHOLD
+            if self.anchor_block_ms:
+                drift = statistics.median(anchor_ms) / self.anchor_block_ms
+                out["anchor_drift"] = (drift,) * 5
+                noisy = noisy or not 1 / NOISE_THRESHOLD <= drift <= NOISE_THRESHOLD
         out["first_step_ms"] = (self.timing.first_ms,) * 5
         if self.timing.host_ms is not None:
             out["host_ms"] = spread(self.timing.host_ms)
@@ -362,11 +371,13 @@ def noise_warning(rows: Sequence[Row], load: str = "") -> str | None:
     noisy = {(r.optimizer, r.impl, r.profile, r.dtype) for r in rows if r.noisy and r.optimizer != "copy"}
     if not noisy:
         return None
-    worst = max(r.p50 for r in rows if r.metric == "anchor_spread")
+    spreads = [r.p50 for r in rows if r.metric == "anchor_spread"] or [1.0]
+    drifts = [max(r.p50, 1 / r.p50) for r in rows if r.metric == "anchor_drift"] or [1.0]
     timed = {(r.optimizer, r.impl, r.profile, r.dtype) for r in rows if r.optimizer != "copy"}
     return (f"WARNING: the machine's speed changed during the run{load}: in {len(noisy)} of {len(timed)} runs the "
-            f"baseline's own rounds differed by more than {NOISE_THRESHOLD}x (up to {worst:.2f}x). Their ratios are "
-            "shown as ranges, marked noisy; rerun on a quiet machine for headline figures.")
+            f"baseline's own rounds differed by more than {NOISE_THRESHOLD}x (up to {max(spreads):.2f}x) or drifted "
+            f"that far from its usual step (up to {max(drifts):.2f}x). Their ratios are shown as ranges, marked noisy; "
+            "rerun on a quiet machine for headline figures.")
 
 
 @dataclass(frozen=True)
@@ -450,6 +461,9 @@ def run(profiles: list[str], dtypes: list[str], algorithms: list[Algorithm], imp
     rows = copy_rows(copy_gbps, env)
     for profile, dtype, algo, impl in plan:  # a wrapper's sync step against its base optimizer's step
         result, base = (results.get((profile, dtype, name, impl.impl)) for name in (impl.optimizer, algo.base))
+        anchor_result = results.get((profile, dtype, *ANCHOR))
+        if result is not None and anchor_result is not None:
+            result.anchor_block_ms = statistics.median(anchor_result.timing.step_ms)
         if result is not None and base is not None and base.timing.anchor_ms:
             result.base_speedup = statistics.median(
                 a / ours for a, ours in zip(base.timing.anchor_ms, base.timing.step_ms, strict=True))

@@ -67,18 +67,21 @@ def markdown(rows: Sequence[Row], skips: Sequence[Skip] = (), settings: str = ""
         lines.append(f"Memory bandwidth measured in this run (`copy_`, read + write): **{_fmt(copy.p50)} GB/s** "
                      f"(p20 {_fmt(copy.p20)}, p80 {_fmt(copy.p80)}).")
         lines.append("")
-    lines += [f"Ratios are per round (the anchor's step, then ours, under the same load): median (min–max). "
-              f"*baseline spread* is max/min of the anchor's rounds in that run; over {NOISE_THRESHOLD:g} the row is "
-              "noisy and shows only its range. A wrapper's sync steps are timed apart: *sync step ms*, and its ratio "
-              "to the base optimizer's step alone.", ""]
+    lines += ["Ratios are per round (the anchor's step, then ours, under the same load): median (min–max). "
+              "*baseline spread* is max/min of the anchor's rounds in that run, *drift* their median over the median "
+              f"of all the anchor's steps here; a spread over {NOISE_THRESHOLD:g}, or a drift beyond it either way, "
+              "makes the row noisy: it shows only its range. A wrapper's sync steps are timed apart: *sync step ms*, "
+              "and its ratio to the base optimizer's step alone.", ""]
     for (profile, dtype), impls in blocks(rows).items():
         lines += [f"### {_profile_title(profile, dtype)}", "",
                   "| optimizer | impl | B/param | ms/step p50 | p20–p80 | GB/s | % copy BW | × torch fused AdamW "
-                  "| × its GB/s | baseline spread | sync step ms (× base step) | first step ms |",
+                  "| × its GB/s | baseline spread (drift) | sync step ms (× base step) | first step ms |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for (optimizer, impl), m in impls.items():
             step = m["step_ms"]
             spread = f"{m['anchor_spread'].p50:.2f}" if "anchor_spread" in m else "–"
+            if "anchor_drift" in m:
+                spread += f" ({m['anchor_drift'].p50:.2f})"
             sync = "–"
             if "sync_step_ms" in m:
                 sync = _fmt(m["sync_step_ms"].p50)

@@ -188,8 +188,26 @@ def test_a_step_twice_the_baselines_is_a_speedup_of_one_half_in_csv_and_table(tm
         pytest.approx(dataclasses.astuple(r)[6:11], rel=1e-3) for r in rows]
     table = markdown(rows)
     line = next(x for x in table.splitlines() if x.startswith("| adamw | torch-foreach |"))
-    assert "**0.50** (0.50–0.50)" in line and "noisy:" not in table and "WARNING" not in table
+    assert "**0.50** (0.50–0.50)" in line and "| noisy:" not in table and "WARNING" not in table
     assert noise_warning(rows) is None
+
+
+def test_a_baseline_slowed_alike_in_every_round_is_noisy_too():
+    """Rounds that agree but whose anchor steps all took 10x the anchor's usual step (a run under load: the ratio is
+    off though the rounds agree): the drift marks the run noisy; within 1.3x of the usual step it is not."""
+    env = Environment("cpu", "t", "t", "c", "d")
+
+    def rows(anchor_ms, block_ms):
+        timing = Timing(1.0, [2.0, 2.0, 2.0], None, anchor_ms)
+        result = Result("adan", "fusedoptim-cpu", "p", "fp32", 440, 10, timing, 280, anchor_block_ms=block_ms)
+        return {r.metric: r for r in result.rows(env, 1.0)}
+
+    slowed = rows([100.0, 101.0, 100.0], 10.0)
+    assert slowed["anchor_spread"].p50 < 1.3 and slowed["anchor_drift"].p50 == pytest.approx(10.0)
+    assert all(r.noisy for r in slowed.values())
+    assert "up to 10.00x" in noise_warning(list(slowed.values()))
+    assert not any(r.noisy for r in rows([10.0, 11.0, 10.5], 9.0).values())  # drift 1.17
+    assert all(r.noisy for r in rows([10.0, 10.0, 10.0], 14.0).values())  # faster than usual counts too: 1/1.4
 
 
 def test_a_noisy_baseline_marks_the_row_and_prints_no_headline_ratio(tmp_path):
