@@ -36,11 +36,7 @@ def coherence(slow, ring, offset, mask, param, ring_stride, period, inv_period, 
         now = _snapshot(ring, s, offset, mask, param, ring_stride, period)
         d = (now - previous) - mean
         deviation = tl.maximum(deviation, tl.abs(d))
-        square = d * d
-        if s == 0:
-            squares = square
-        else:
-            squares = squares + square
+        squares = squares + d * d  # from 0: the first square exactly, as the others start from it
         previous = now
     varies = deviation > 0.0
     # correctly rounded sqrt and division, as torch and C++ round them (tl.sqrt and `/` are approximate on GPU)

@@ -24,6 +24,7 @@ import torch
 
 from . import _build_cache
 from ._layout import check_grads_apart
+from .scout import reciprocals
 
 if TYPE_CHECKING:
     from ._backends import Run
@@ -307,8 +308,6 @@ class CpuExecutor:
     def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
         """Scout's ring row and coherence sums in one call over the bucket (csrc/scout.cpp); params with gaps are
         read through a contiguous copy."""
-        from .scout import reciprocals
-
         staged, _ = self._staged(bucket, tuple(range(len(bucket.params))))
         return extension().scout_snapshot(staged, bucket.offsets, bucket.states["slow_param"], ring, slot, coherence,
                                           *reciprocals(ring.shape[0] + 1))

@@ -66,7 +66,7 @@ class ReferenceExecutor:
     def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
         """Scout: the params into row ``slot`` of the bucket's ring (-1: none); with ``coherence``, the fp64
         [tensors, 2] coherence sums of the ring and the params (optim/scout.py), tensor by tensor."""
-        from . import scout
+        from . import scout  # here: scout imports this module (fixed_order_sum)
 
         rows = []
         for i, tensor in enumerate(bucket.tensors):

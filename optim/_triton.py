@@ -18,6 +18,7 @@ import torch
 from ._kernels import IMPORT_ERROR, kernels
 from ._layout import check_grads_apart, chunk_table_tensors
 from ._rule import SYNC_PASS, KernelPass
+from .scout import reciprocals
 
 if TYPE_CHECKING:
     from ._backends import Run
@@ -210,8 +211,6 @@ class TritonExecutor:
     def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
         """Scout's ring row and coherence sums: one launch over the bucket (kernels/scout.py). The sums buffer is
         the bucket's, kept between syncs (rows of tensors without elements stay 0): read it before the next sync."""
-        from .scout import reciprocals
-
         cache = _stage_in(bucket)  # params with gaps are read from their staging copies
         indices = tuple(range(len(bucket.params)))
         tables = self._tables(bucket, indices, cache.param_ptrs, "sync")

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._reference import fixed_order_sum
+
 if TYPE_CHECKING:
     from ._layout import Bucket
 
@@ -59,8 +61,6 @@ def coherence(slow: torch.Tensor, snapshots: torch.Tensor, params: torch.Tensor)
     std = variance.double().sqrt().to(variance.dtype)
     varies = deviation > 0
     ratio = torch.where(varies, std / torch.where(varies, deviation, 1.0), 0.0)
-    from ._reference import fixed_order_sum
-
     return torch.stack([fixed_order_sum(ratio.reshape(1, -1), torch.float64)[0], varies.sum().double()])
 
 
