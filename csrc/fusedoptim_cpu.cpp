@@ -102,8 +102,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   def_two_pass<tadam>(m, "tadam");
   def_two_pass<adamp>(m, "adamp");
   m.def("scout_snapshot", &scout_snapshot,
-        "Scout: the params into row slot of the ring (-1: none); with coherence, fp64 [tensors, 2] coherence sums",
+        "Scout: the params into row slot of the ring (-1: none); with coherence, fp64 [tensors, 2] coherence sums; "
+        "position (int64[1], in place of slot and coherence): the step's place in its period",
         py::arg("params"), py::arg("offsets"), py::arg("slow"), py::arg("ring"), py::arg("slot"),
         py::arg("coherence"), py::arg("inv_period"), py::arg("inv_period_minus_one"),
+        py::arg("position") = py::none(),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -9,6 +9,7 @@ namespace fusedoptim {
 
 struct keep_update {
   static constexpr int num_hyper = 0, num_states = 0;
+  static constexpr bool sync_only = true;  // multi_tensor.h: a call with a negative rate returns at once
 
   explicit keep_update(float step) {}
 

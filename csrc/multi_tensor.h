@@ -42,7 +42,8 @@ struct BucketArgs {
   // kWholeStep: pass A, finalize, pass B. Sharded params (optim/_distributed.py) sum pass A's partial sums over
   // the ranks before the finalize, so they run kPassA (fills sums), then kPassB (reads the factors, in Python).
   int64_t phase = 0;
-  // Lookahead's sync in the last pass (undefined: no sync): slow <- slow + rate * (fast - slow); fast <- slow.
+  // Lookahead's sync in the last pass (undefined, or a negative rate: no sync): slow <- slow + rate * (fast - slow);
+  // fast <- slow.
   at::Tensor slow;                   // flat fp32, laid out like the state buffers
   at::Tensor sync_rate;              // fp32[1]
 };
@@ -237,6 +238,13 @@ struct num_tensor_states_of : std::integral_constant<int, 0> {};
 template <typename Rule>
 struct num_tensor_states_of<Rule, std::void_t<decltype(Rule::num_tensor_states)>>
     : std::integral_constant<int, Rule::num_tensor_states> {};
+
+// A rule that only carries Lookahead's sync (lookahead.h: keep_update, Rule::sync_only): without a sync it does
+// nothing.
+template <typename Rule, typename = void>
+struct sync_only_of : std::false_type {};
+template <typename Rule>
+struct sync_only_of<Rule, std::void_t<decltype(Rule::sync_only)>> : std::integral_constant<bool, Rule::sync_only> {};
 
 template <typename Rule>
 using factors_t = std::array<float, two_pass<Rule>::num_factors>;
@@ -621,15 +629,21 @@ void run(const BucketArgs& a) {
       f(param_t{});
     }
   };
+  // A negative rate is no sync: a wrapper counting its steps on the device (GradScaler may skip a step, a captured
+  // graph replays every step alike) passes its rate every step, negative on the steps that do not sync.
+  const bool sync = a.slow.defined() && a.sync_rate.const_data_ptr<float>()[0] >= 0.0f;
+  if constexpr (sync_only_of<Rule>::value) {
+    if (!sync) return;  // the sync on its own: nothing to do
+  }
   dispatch([&](auto p) {
     using param_type = decltype(p);
     if constexpr (two_pass<Rule>::value) {
-      if (a.slow.defined()) {
+      if (sync) {
         step_two_pass<Rule, param_type, true>(a);
       } else {
         step_two_pass<Rule, param_type, false>(a);
       }
-    } else if (a.slow.defined()) {
+    } else if (sync) {
       apply<Rule, param_type, true>(a);
     } else {
       apply<Rule, param_type, false>(a);

@@ -72,7 +72,8 @@ void snapshot_bucket(const std::vector<at::Tensor>& params, const std::vector<in
 
 std::optional<at::Tensor> scout_snapshot(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets,
                                          const at::Tensor& slow, const at::Tensor& ring, int64_t slot, bool coherence,
-                                         double inv_period, double inv_period_minus_one) {
+                                         double inv_period, double inv_period_minus_one,
+                                         const std::optional<at::Tensor>& position) {
   // Everything is checked before the ring is written.
   TORCH_CHECK(offsets.size() == params.size(), "fusedoptim cpu: scout_snapshot needs one offset per param");
   TORCH_CHECK(ring.device().is_cpu() && ring.scalar_type() == at::kFloat && ring.is_contiguous() && ring.dim() == 2 &&
@@ -82,6 +83,18 @@ std::optional<at::Tensor> scout_snapshot(const std::vector<at::Tensor>& params, 
                   slow.numel() == ring.size(1),
               "fusedoptim cpu: the slow weights must be a flat contiguous fp32 CPU tensor of the ring's row length");
   const int64_t period = ring.size(0) + 1, stride = ring.size(1);
+  bool skip = false;
+  if (position.has_value()) {
+    // A wrapper counting its steps on the device (here: in host memory, read here): 0 .. k - 2 snapshots into that
+    // row, k - 1 is the sync (the coherence sums), anything else (a step GradScaler skipped) does nothing. The sums
+    // are returned at every position (zeros but at the sync), so that the caller's rate never reads the position.
+    TORCH_CHECK(position->device().is_cpu() && position->scalar_type() == at::kLong && position->numel() == 1,
+                "fusedoptim cpu: Scout's position must be an int64 CPU tensor of one element");
+    const int64_t place = position->const_data_ptr<int64_t>()[0];
+    skip = place < 0 || place >= period;
+    coherence = place == period - 1;
+    slot = skip || coherence ? -1 : place;
+  }
   TORCH_CHECK(slot >= -1 && slot < ring.size(0), "fusedoptim cpu: snapshot slot ", slot, " outside the ring of ",
               ring.size(0), " rows");
   for (size_t k = 0; k < params.size(); ++k) {
@@ -92,7 +105,7 @@ std::optional<at::Tensor> scout_snapshot(const std::vector<at::Tensor>& params, 
                 "fusedoptim cpu: a snapshot segment lies outside the ring");
   }
   at::Tensor table = at::zeros({static_cast<int64_t>(params.size()), 2}, at::kDouble);
-  if (!params.empty()) {
+  if (!params.empty() && !skip) {
     const auto run = [&](auto p) {
       snapshot_bucket<decltype(p)>(params, offsets, slow.const_data_ptr<float>(), ring.data_ptr<float>(), stride,
                                    period, slot, coherence, static_cast<float>(inv_period),
@@ -106,7 +119,7 @@ std::optional<at::Tensor> scout_snapshot(const std::vector<at::Tensor>& params, 
                            params[0].scalar_type());
     }
   }
-  if (!coherence) return std::nullopt;
+  if (!coherence && !position.has_value()) return std::nullopt;
   return table;
 }
 

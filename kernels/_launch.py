@@ -249,24 +249,28 @@ def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tenso
     LAUNCH_COUNTS["segment_sum_kernel"] += 1
 
 
-def launch_scout_snapshot(tables: Tables, slow: torch.Tensor, ring: torch.Tensor, slot: int, period_inverses:
-                          tuple[float, float], param_dtype: torch.dtype, counters: torch.Tensor,
+def launch_scout_snapshot(tables: Tables, slow: torch.Tensor, ring: torch.Tensor, slot: int | torch.Tensor,
+                          period_inverses: tuple[float, float], param_dtype: torch.dtype, counters: torch.Tensor,
                           coherence: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One launch over a bucket (kernels/scout.py): its params into row ``slot`` of Scout's ring (fp32 [k - 1, total];
     -1: none) and, with ``coherence`` = (partials fp64[C, 2], table fp64[T, 2]), each tensor's coherence sums, the
     params as the last snapshot, into the table (rows of tensors without elements are not written). ``counters``:
-    int32[T] zeros, left as found."""
+    int32[T] zeros, left as found. ``slot`` may be the step's position in its period, int64[1] on the device (0 ..
+    k - 2: that row, k - 1: the coherence sums, which then need ``coherence``; else nothing)."""
     partials, table = (ring, ring) if coherence is None else coherence
-    check_devices(ring.device, tables=tables[:2], slow=slow, counters=counters, partials=partials, table=table)
+    on_device = isinstance(slot, torch.Tensor)
+    check_devices(ring.device, tables=tables[:2], slow=slow, counters=counters, partials=partials, table=table,
+                  position=slot if on_device else None)
     param_ptrs, _, state_offsets, segment_begin, segment_end, chunk_tensor, chunk_start, chunk_end = (
         split_tables(tables)[:8])
     guard = torch.cuda.device(ring.device) if ring.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         scout_snapshot_kernel[(tables.sizes.chunks,)](
             param_ptrs, state_offsets, chunk_tensor, chunk_start, chunk_end, segment_begin, segment_end, slow, ring,
-            partials, table, counters, ring.shape[1], slot, ring.shape[0] + 1, *period_inverses,
-            PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=block_size(param_dtype), SUM_ROWS=SUM_ROWS,
-            COHERENCE=coherence is not None, num_warps=NUM_WARPS)
+            partials, table, counters, ring.shape[1], -1 if on_device else slot, slot if on_device else counters,
+            ring.shape[0] + 1, *period_inverses, PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=block_size(param_dtype),
+            SUM_ROWS=SUM_ROWS, COHERENCE=coherence is not None and not on_device, POSITION_ON_DEVICE=on_device,
+            num_warps=NUM_WARPS)
     LAUNCH_COUNTS["scout_snapshot_kernel"] += 1
 
 

@@ -2,7 +2,8 @@
 same fp32 operations in the same order; csrc/scout.h the C++ one).
 
 Program c covers chunk c of the bucket's chunk table (the step kernels' table). In the first k - 1 steps of a
-period it writes its params into row ``slot`` of the ring (k - 1 rows); at the sync (COHERENCE) it computes each
+period it writes its params into row ``slot`` of the ring (k - 1 rows); at the sync (COHERENCE, or position k - 1
+read on the device) it computes each
 element's ratio std(U) / max |U - mean| over the k updates U_s (slow weight to first snapshot, between snapshots,
 last snapshot to the params, the k-th snapshot, never stored), and stores the chunk's fp64 ratio sum and count of
 varying entries. The last program of a tensor to finish (an arrival counter, as the step kernel counts
@@ -60,6 +61,7 @@ def scout_snapshot_kernel(
     counters,        # int32[T]: zeros between launches: each tensor's finished programs
     ring_stride,
     slot,            # the row the params go into (-1: none)
+    position_ptr,    # int64[1] (POSITION_ON_DEVICE): the step's place in its period, read in place of slot
     period,
     inv_period,      # fp32 1/k and 1/(k-1) (optim/scout.py: reciprocals)
     inv_period_minus_one,
@@ -67,7 +69,17 @@ def scout_snapshot_kernel(
     BLOCK: tl.constexpr,
     SUM_ROWS: tl.constexpr,  # partials the last program adds per step
     COHERENCE: tl.constexpr,
+    # A wrapper counting its steps on the device: position 0 .. k - 2 snapshots into that row, k - 1 is the sync
+    # (the coherence sums), anything else (a step GradScaler skipped) does nothing. Uniform branches: a step reads
+    # only what its position needs.
+    POSITION_ON_DEVICE: tl.constexpr = False,
 ):
+    coherent = COHERENCE
+    if POSITION_ON_DEVICE:
+        slot = tl.load(position_ptr)
+        if (slot < 0) | (slot >= period):
+            return
+        coherent = slot == period - 1
     chunk = tl.program_id(0)
     tensor = tl.load(chunk_tensor + chunk)
     start = tl.load(chunk_start + chunk)
@@ -77,9 +89,9 @@ def scout_snapshot_kernel(
     param_ptr = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE)) + idx
     offset = tl.load(state_offsets + tensor) + idx
     param = tl.load(param_ptr, mask=mask, other=0.0).to(tl.float32)
-    if slot >= 0:
+    if (slot >= 0) & (slot < period - 1):
         tl.store(ring + slot * ring_stride + offset, param, mask=mask)
-    if COHERENCE:
+    if coherent:
         ratio, varies = coherence(slow, ring, offset, mask, param, ring_stride, period, inv_period,
                                   inv_period_minus_one)
         tl.store(partials + 2 * chunk, tl.sum(ratio.to(tl.float64), axis=0))

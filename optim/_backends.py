@@ -36,7 +36,7 @@ class Run:
     hyper: tuple[float, ...]
     flags: tuple[bool, ...]
     maximize: bool
-    sync_rate: torch.Tensor | None = None
+    sync_rate: torch.Tensor | None = None  # a negative rate: no sync (a wrapper counting its steps on the device)
     #: GradScaler's scale (the grads arrive multiplied by it) and found_inf (nonzero: skip the step), fp32[1] on the
     #: params' device; None without a GradScaler (``FusedOptimizer._step_supports_amp_scaling``)
     grad_scale: torch.Tensor | None = None
@@ -83,10 +83,14 @@ class Executor(Protocol):
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
         """Lookahead's sync of the listed tensors: slow ← slow + rate·(θ − slow); θ ← slow."""
 
-    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
-        """Scout: write the bucket's params into row ``slot`` (-1: none) of its ring of snapshots (flat [k, total],
-        laid out like the state buffers); with ``coherence``, return the fp64 [tensors, 2] coherence sums of the
-        ring (optim/scout.py), on the device. One call or launch per bucket."""
+    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int | torch.Tensor,
+                 coherence: bool) -> torch.Tensor | None:
+        """Scout: write the bucket's params into row ``slot`` (-1: none) of its ring of snapshots (flat [k - 1,
+        total], laid out like the state buffers); with ``coherence``, return the fp64 [tensors, 2] coherence sums of
+        the ring (optim/scout.py), on the device. One call or launch per bucket. ``slot`` may instead be the step's
+        position in its period, int64[1] on the device, read there: 0 .. k - 2 is that row, k - 1 the sums (the
+        params being the last snapshot), k and above nothing (a skipped step); the sums are then always returned,
+        meaningful at position k - 1 only."""
 
     def check_run(self, run: Run, owner: str, capturable: bool) -> None:
         """Phase 1 of a step, before anything is written: raise if a grad shares memory with its param (ValueError)

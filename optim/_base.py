@@ -93,8 +93,7 @@ class FusedOptimizer(Optimizer):
     def _register(self) -> None:
         from . import _compile
 
-        self._handle = id(self)  # how a compiled step's op finds this optimizer (a copy registers itself)
-        _compile.OPTIMIZERS[self._handle] = self
+        _compile.register(self)  # how a compiled step's op finds this optimizer
 
     # ----------------------------------------------------------------- what a param group means to the rule
     def _hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
@@ -303,18 +302,24 @@ class FusedOptimizer(Optimizer):
         """The step under torch.compile: one ``fusedoptim::step`` op over what Dynamo can see (optim/_compile.py).
         The flat buffers exist once the buckets are laid out (the first step, eager or compiled: the one
         recompile of a warm-up)."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        lrs = [group["lr"] for group in self.param_groups if isinstance(group["lr"], torch.Tensor)]
-        states = []
+        from . import _compile
+
+        _compile.compiled_step(self, self.flat_buffers())
+
+    def flat_buffers(self) -> list[torch.Tensor]:
+        """Every flat buffer a step may write, bucket by bucket: the states (Lookahead's slow weights included), the
+        step counts and the per-tensor states; none before the buckets are laid out."""
+        buffers = []
         for cached in self._layouts.values():
             for bucket in cached[1]:
-                states.extend(bucket.states.values())
-                states.append(bucket.steps)
-                states.extend(bucket.tensor_states.values())
-        torch.ops.fusedoptim.step(self._handle, params, [p.grad for p in params], states, lrs,
-                                  getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+                buffers.extend(bucket.states.values())
+                buffers.append(bucket.steps)
+                buffers.extend(bucket.tensor_states.values())
+        return buffers
 
     def _eager_step(self, amp: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> None:
+        """The step (``amp``: GradScaler's scale and found_inf as a compiled step's op received them; None: read
+        off the optimizer, where GradScaler sets them)."""
         # Phase 1: everything that can fail, before any param or state is written.
         amp = self._amp_inputs(*(amp or ()))
         runs: list[Run] = []

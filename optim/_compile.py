@@ -12,15 +12,30 @@ constant Dynamo guards on, as for torch.optim).
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+from torch.optim import Optimizer
 
-if TYPE_CHECKING:
-    from ._base import FusedOptimizer
+#: The optimizers a compiled graph may step, by their ``_handle`` (an op takes no Python objects): fusedoptim's, and
+#: the wrappers, whose step (counters, Scout's ring, the base's step) runs inside the op as well.
+OPTIMIZERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
-#: The optimizers a compiled graph may step, by ``FusedOptimizer._handle`` (an op takes no Python objects).
-OPTIMIZERS: weakref.WeakValueDictionary[int, FusedOptimizer] = weakref.WeakValueDictionary()
+
+def register(optimizer: Optimizer) -> None:
+    """Let compiled graphs find ``optimizer`` (its ``_eager_step(amp)`` is what the op runs); a copy registers
+    itself again."""
+    optimizer._handle = id(optimizer)
+    OPTIMIZERS[optimizer._handle] = optimizer
+
+
+def compiled_step(optimizer: Optimizer, states: list[torch.Tensor]) -> None:
+    """What ``optimizer.step()`` does under torch.compile: one op over its params, their grads, ``states`` (every
+    tensor the step writes besides the params), its tensor lrs and GradScaler's scale and found_inf."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    lrs = [group["lr"] for group in optimizer.param_groups if isinstance(group["lr"], torch.Tensor)]
+    torch.ops.fusedoptim.step(optimizer._handle, params, [p.grad for p in params], states, lrs,
+                              getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None))
 
 
 @torch.library.custom_op("fusedoptim::step", mutates_args=("params", "states"))
@@ -32,7 +47,7 @@ def step_op(handle: int, params: list[torch.Tensor], grads: list[torch.Tensor | 
     optimizer = OPTIMIZERS.get(handle)
     if optimizer is None:
         raise RuntimeError("fusedoptim::step: the optimizer of this compiled step no longer exists")
-    optimizer._eager_step(amp=None if grad_scale is None and found_inf is None else (grad_scale, found_inf))
+    optimizer._eager_step(amp=(grad_scale, found_inf))  # (None, None): none, whatever attributes it has
 
 
 @step_op.register_fake

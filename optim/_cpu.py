@@ -305,12 +305,15 @@ class CpuExecutor:
         for i, copy in copies:
             bucket.tensors[i].copy_(copy)
 
-    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
-        """Scout's ring row and coherence sums in one call over the bucket (csrc/scout.cpp); params with gaps are
-        read through a contiguous copy."""
+    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int | torch.Tensor,
+                 coherence: bool) -> torch.Tensor | None:
+        """Scout's ring row and coherence sums in one call over the bucket (csrc/scout.cpp), which reads a position
+        tensor itself; params with gaps are read through a contiguous copy."""
         staged, _ = self._staged(bucket, tuple(range(len(bucket.params))))
-        return extension().scout_snapshot(staged, bucket.offsets, bucket.states["slow_param"], ring, slot, coherence,
-                                          *reciprocals(ring.shape[0] + 1))
+        position = slot if isinstance(slot, torch.Tensor) else None
+        return extension().scout_snapshot(staged, bucket.offsets, bucket.states["slow_param"], ring,
+                                          -1 if position is not None else slot, coherence,
+                                          *reciprocals(ring.shape[0] + 1), position=position)
 
 
 EXECUTOR = CpuExecutor()

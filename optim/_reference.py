@@ -58,20 +58,32 @@ class ReferenceExecutor:
             self.sync(run.bucket, run.active, run.sync_rate)
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
+        rate = sync_rate.reshape(())
+        synced = rate >= 0  # a negative rate is no sync (a wrapper counting its steps on the device), read there
         for i in indices:
             p, slow = bucket.tensors[i], bucket.view("slow_param", i)
-            slow.lerp_(p.detach().to(slow.dtype), sync_rate.to(slow.dtype).reshape(()))
-            p.copy_(slow)
+            slow.copy_(torch.where(synced, slow.lerp(p.detach().to(slow.dtype), rate.to(slow.dtype)), slow))
+            p.copy_(torch.where(synced, slow.to(p.dtype), p))
 
-    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
+    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int | torch.Tensor,
+                 coherence: bool) -> torch.Tensor | None:
         """Scout: the params into row ``slot`` of the bucket's ring (-1: none); with ``coherence``, the fp64
-        [tensors, 2] coherence sums of the ring and the params (optim/scout.py), tensor by tensor."""
+        [tensors, 2] coherence sums of the ring and the params (optim/scout.py), tensor by tensor. A position tensor
+        is read on the device: the row is written where the position names one, and the sums always computed."""
         from . import scout  # here: scout imports this module (fixed_order_sum)
 
+        on_device = isinstance(slot, torch.Tensor)
+        if on_device:
+            stored = slot < ring.shape[0]  # positions 0 .. k - 2 (skipped steps come as k and above)
+            row = slot.clamp(max=ring.shape[0] - 1)
+            coherence = True
         rows = []
         for i, tensor in enumerate(bucket.tensors):
             snapshots = scout.ring_view(bucket, ring, i)
-            if slot >= 0:
+            if on_device:
+                kept = snapshots.index_select(0, row)
+                snapshots.index_copy_(0, row, torch.where(stored, tensor.to(ring.dtype).unsqueeze(0), kept))
+            elif slot >= 0:
                 snapshots[slot].copy_(tensor)
             if coherence:
                 rows.append(scout.coherence(bucket.view("slow_param", i), snapshots, tensor.detach())

@@ -208,14 +208,16 @@ class TritonExecutor:
                                 store_param=SYNC_PASS.store_param, store_state=SYNC_PASS.store_state,
                                 slow=bucket.states["slow_param"], sync_rate=sync_rate)
 
-    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int, coherence: bool) -> torch.Tensor | None:
-        """Scout's ring row and coherence sums: one launch over the bucket (kernels/scout.py). The sums buffer is
-        the bucket's, kept between syncs (rows of tensors without elements stay 0): read it before the next sync."""
+    def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int | torch.Tensor,
+                 coherence: bool) -> torch.Tensor | None:
+        """Scout's ring row and coherence sums: one launch over the bucket (kernels/scout.py), which reads a position
+        tensor itself. The sums buffer is the bucket's, kept between syncs (rows of tensors without elements stay 0):
+        read it before the next sync."""
         cache = _stage_in(bucket)  # params with gaps are read from their staging copies
         indices = tuple(range(len(bucket.params)))
         tables = self._tables(bucket, indices, cache.param_ptrs, "sync")
         sums = None
-        if coherence:
+        if coherence or isinstance(slot, torch.Tensor):
             chunks = cache.chunks[indices]
             if chunks.scout is None:
                 chunks.scout = (torch.zeros(tables.sizes.chunks, 2, dtype=torch.float64, device=bucket.device),

@@ -17,6 +17,8 @@ sums of every bucket into the sync rate, on the device.
 
 from __future__ import annotations
 
+import functools
+import struct
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,11 +36,11 @@ def ring_view(bucket: Bucket, ring: torch.Tensor, i: int) -> torch.Tensor:
                            ring.storage_offset() + bucket.offsets[i])
 
 
+@functools.cache
 def reciprocals(period: int) -> tuple[float, float]:
     """1/k and 1/(k-1) as the kernels multiply by them: fp32 (the mean and the variance are products, not
-    quotients, so that every backend rounds them alike)."""
-    return (float(torch.tensor(1.0 / period, dtype=torch.float32)),
-            float(torch.tensor(1.0 / (period - 1), dtype=torch.float32)))
+    quotients, so that every backend rounds them alike). Rounded by ``struct``: no tensor is read at a step."""
+    return tuple(struct.unpack("<f", struct.pack("<f", 1.0 / n))[0] for n in (period, period - 1))
 
 
 def coherence(slow: torch.Tensor, snapshots: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

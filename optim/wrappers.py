@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import scout
+from . import _compile, scout
 from ._backends import Backend
 from ._base import FusedOptimizer
 from ._distributed import DTensor, Shard, is_dtensor, local, local_value
@@ -66,6 +66,41 @@ class _MergedState(Mapping):
         return len(self.base)
 
 
+class _StepCount:
+    """A wrapper's step count on the params' device, used once the host cannot know whether a step is taken (a
+    GradScaler hands its found_inf, which only the device reads) or must not look (capturable): every step then
+    passes the sync its rate, negative when it does not sync, and Scout's kernels their position in the period.
+    The per-step arithmetic writes into the buffers below: a step allocates nothing for it and reads nothing back.
+    """
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        self.steps = torch.tensor([steps], dtype=torch.int64, device=device)  # the base steps taken
+        self.skipped = torch.zeros(1, dtype=torch.bool, device=device)  # this step: GradScaler found an inf
+        # this step's position in its period; k and above on a skipped step
+        self.place = torch.zeros(1, dtype=torch.int64, device=device)
+        self.due = torch.zeros(1, dtype=torch.bool, device=device)
+        self.rate = torch.zeros(1, dtype=torch.float32, device=device)  # the sync rate this step passes
+        self.no_sync = torch.full((1,), -1.0, dtype=torch.float32, device=device)
+
+    def start(self, found_inf: torch.Tensor | None, period: int) -> None:
+        """Before the base step: whether it will be skipped, and its position (``place``)."""
+        if found_inf is None:
+            self.skipped.fill_(False)
+        else:
+            torch.ne(found_inf.reshape(1).to(self.steps.device, non_blocking=True), 0, out=self.skipped)
+        torch.remainder(self.steps, period, out=self.place)
+        self.place.add_(self.skipped, alpha=period)
+
+    def sync_at(self, position: int, rate: torch.Tensor) -> torch.Tensor:
+        """The rate this step passes: ``rate`` at ``position`` of the period, -1 (no sync) elsewhere."""
+        torch.eq(self.place, position, out=self.due)
+        return torch.where(self.due, rate, self.no_sync, out=self.rate)
+
+    def finish(self) -> None:
+        """After the base step: one more step taken, unless skipped."""
+        self.steps.add_(1).add_(self.skipped, alpha=-1)  # (a bool cannot be subtracted)
+
+
 class _SyncWrapper(Optimizer):
     """Keeps fp32 slow weights of every param of ``base_optimizer``; every ``sync_period`` steps moves them
     towards the fast weights by a rate and copies them back: slow ← slow + rate·(fast − slow); fast ← slow."""
@@ -74,9 +109,6 @@ class _SyncWrapper(Optimizer):
                  fused_sync: bool = True, backend: Backend = "auto") -> None:
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
-        if getattr(base_optimizer, "capturable", False):
-            raise ValueError(f"{type(self).__name__} cannot wrap a capturable optimizer yet: its sync counter and rate "
-                             "live on the host, so a captured graph would sync at the wrong steps")
         check_non_negative("sync_rate", sync_rate)
         if sync_rate > 1:
             raise ValueError(f"Invalid sync_rate: {sync_rate} (must be in [0, 1])")
@@ -91,12 +123,16 @@ class _SyncWrapper(Optimizer):
                      "load_state_dict_post"):
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
         self._patch_step_function()
-        self.fast_steps = 0
+        _compile.register(self)
+        self._fast_steps = 0
+        self._count: _StepCount | None = None  # on the device once GradScaler hands a found_inf, or capturable
         self._fused_sync = fused_sync and isinstance(base_optimizer, FusedOptimizer)
         self._holder = (base_optimizer if isinstance(base_optimizer, FusedOptimizer)
                         else _SlowWeights(base_optimizer, backend))
         self._holder.attach_slow_weights()
         self._rate = self._rate_tensor()
+        if self.capturable:
+            self._count = _StepCount(0, self._rate.device)
 
     # ------------------------------------------------------------------ shared groups
     @property
@@ -149,6 +185,31 @@ class _SyncWrapper(Optimizer):
     def sync_period(self) -> int:
         return self._settings["sync_period"]
 
+    @property
+    def capturable(self) -> bool:
+        """The base's: a capturable base makes a capturable wrapper, whose counter and rate live on the device."""
+        return bool(getattr(self.base_optimizer, "capturable", False))
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        """The base's. When it takes GradScaler's scale and found_inf (every fusedoptim optimizer, torch's fused
+        ones), so does the wrapper: it hands them to the base, which unscales in its kernels and skips a step with an
+        inf on the device, and counts its steps on the device, so that a skipped step is not counted and syncs
+        nothing, without a host sync. Otherwise GradScaler unscales the grads and skips the wrapper's step itself."""
+        return bool(getattr(self.base_optimizer, "_step_supports_amp_scaling", False))
+
+    @property
+    def fast_steps(self) -> int:
+        """The base steps taken (a step GradScaler skipped is not). Once counted on the device (a GradScaler's
+        found_inf, capturable), reading it is a host sync: state_dict reads it, a step never does."""
+        return self._fast_steps if self._count is None else int(self._count.steps.item())
+
+    @fast_steps.setter
+    def fast_steps(self, value: int) -> None:
+        self._fast_steps = value
+        if self._count is not None:
+            self._count.steps.fill_(value)
+
     # ------------------------------------------------------------------ slow weights
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -168,14 +229,65 @@ class _SyncWrapper(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Step the base optimizer and synchronise the slow weights every ``sync_period`` steps."""
-        fused_rate = self._sync_rate() if (self.fast_steps + 1) % self.sync_period == 0 else None
+        """Step the base optimizer and synchronise the slow weights every ``sync_period`` steps taken.
+
+        Under torch.compile the whole step is one ``fusedoptim::step`` op (optim/_compile.py) that declares what it
+        writes: Dynamo would otherwise trace the counter's Python arithmetic into the graph as constants (measured:
+        7 compiled Lookahead steps left fast_steps at 0 and synced nothing) and break at Scout's C++ call."""
+        if torch.compiler.is_compiling():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            _compile.compiled_step(self, self._written_tensors())
+            return loss
+        return self._eager_step(closure=closure)
+
+    def _written_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step may write besides the params: the base's state, the slow weights, Scout's rings and
+        the count on the device."""
+        tensors = self._holder.flat_buffers()
+        if self._holder is not self.base_optimizer:
+            tensors += [value for p in self._params() for value in self.base_optimizer.state.get(p, {}).values()
+                        if isinstance(value, torch.Tensor)]
+        tensors += [ring for _, ring in getattr(self, "_rings", {}).values()]
+        if self._count is not None:
+            count = self._count
+            tensors += [count.steps, count.skipped, count.place, count.due, count.rate]
+        return tensors
+
+    def _eager_step(self, amp: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+                    closure: Callable[[], float] | None = None) -> float | None:
+        if amp is None:  # set by GradScaler (a compiled step's op passes them)
+            amp = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        if self._count is None and amp[1] is not None:
+            self._count = _StepCount(self._fast_steps, self._rate.device)  # from now on: counted on the device
+        if self._count is not None:
+            return self._counted_step(closure, amp)
+        fused_rate = self._sync_rate() if (self._fast_steps + 1) % self.sync_period == 0 else None
         with self._holder.fused_sync(fused_rate) if fused_rate is not None else contextlib.nullcontext():
-            loss = self.base_optimizer.step(closure) if closure is not None else self.base_optimizer.step()
-        self.fast_steps += 1
+            loss = self._base_step(closure, amp)
+        self._fast_steps += 1
         if fused_rate is None:
             self._after_base_step()
         return loss
+
+    def _base_step(self, closure: Callable[[], float] | None,
+                   amp: tuple[torch.Tensor | None, torch.Tensor | None]) -> float | None:
+        """The base's step, handed GradScaler's scale and found_inf as GradScaler would hand them to it."""
+        base = self.base_optimizer
+        if amp == (None, None):
+            return base.step(closure) if closure is not None else base.step()
+        base.grad_scale, base.found_inf = amp
+        try:
+            return base.step(closure) if closure is not None else base.step()
+        finally:
+            del base.grad_scale, base.found_inf
+
+    def _counted_step(self, closure: Callable[[], float] | None,
+                      amp: tuple[torch.Tensor | None, torch.Tensor | None]) -> float | None:
+        """A step counted on the device: the same syncs at the same steps taken, decided there."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ state_dict
     #: What the wrapper adds to each param group of its state_dict (the counters, the same in every group).
@@ -275,7 +387,7 @@ class _SyncWrapper(Optimizer):
             else:
                 self.fast_steps = int(counters["fast_steps"])
                 self._settings.update(sync_rate=float(counters["sync_rate"]), sync_period=int(counters["sync_period"]))
-                self._rate = self._rate_tensor()
+                self._rate.fill_(self.sync_rate)  # in place: a captured graph reads this tensor
                 for p in params:
                     self._load_wrapper_state(p, saved[p])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -283,11 +395,16 @@ class _SyncWrapper(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"base_optimizer": self.base_optimizer, "_settings": self._settings, "_holder": self._holder,
-                "fast_steps": self.fast_steps, "_rate": self._rate, "_fused_sync": self._fused_sync,
-                "_min_period": self._min_period}
+                "_fast_steps": self._fast_steps, "_count": self._count, "_rate": self._rate,
+                "_fused_sync": self._fused_sync, "_min_period": self._min_period}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if "fast_steps" in state:  # pickled by an earlier version
+            state["_fast_steps"] = state.pop("fast_steps")
         self.__dict__.update(state)
+        self.__dict__.setdefault("_count", None)
+        _compile.register(self)
         self.__dict__.setdefault("_min_period", 1)
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):
@@ -333,18 +450,28 @@ class Lookahead(_SyncWrapper):
                          sync_period if k is None else k, min_period=1, fused_sync=fused_sync, backend=backend)
         self._backup: dict[torch.Tensor, torch.Tensor] | None = None
 
-    def _rate_tensor(self) -> torch.Tensor:
-        """``sync_rate`` as fp32[1] on the params' device: the kernels read it through a pointer, which must be
-        a device address (a CPU tensor would fail at the first sync on CUDA)."""
-        params = self._params()
-        return torch.tensor([self.sync_rate], dtype=torch.float32, device=params[0].device if params else "cpu")
-
     def _sync_rate(self) -> torch.Tensor | None:
         # fused into the base's last pass when the base is a fusedoptim optimizer
         return self._rate if self._fused_sync else None
 
+    def _counted_step(self, closure: Callable[[], float] | None,
+                      amp: tuple[torch.Tensor | None, torch.Tensor | None]) -> float | None:
+        # Every step passes the sync its rate, -1 but at the period's last step taken: the kernels skip a sync
+        # with a negative rate in a uniform branch (no slow weight read), and a skipped step syncs nothing.
+        count = self._count
+        count.start(amp[1], self.sync_period)
+        rate = count.sync_at(self.sync_period - 1, self._rate)
+        if self._fused_sync:
+            with self._holder.fused_sync(rate):
+                loss = self._base_step(closure, amp)
+        else:
+            loss = self._base_step(closure, amp)
+            self._holder.sync_now(rate)
+        count.finish()
+        return loss
+
     def _after_base_step(self) -> None:
-        if self.fast_steps % self.sync_period == 0:
+        if self._fast_steps % self.sync_period == 0:
             self._holder.sync_now(self._rate)
 
     @torch.no_grad()
@@ -430,15 +557,28 @@ class Scout(_SyncWrapper):
         # One call (C++) or launch (Triton) per bucket: the params into the ring, or at a sync the coherence sums,
         # with the params as the k-th snapshot: not stored, which saves a write stream (8 B/param with its
         # read-for-ownership: ResNet-50's sync step 62 -> 56 ms, against 20 ms for the base step).
-        if self.fast_steps % self.sync_period != 0:
-            self._snapshot((self.fast_steps - 1) % self.sync_period, coherence=False)
+        if self._fast_steps % self.sync_period != 0:
+            self._snapshot((self._fast_steps - 1) % self.sync_period, coherence=False)
         else:
             self._holder.sync_now(self._coherent_rate(self._snapshot(-1, coherence=True)))  # needs the step's result
 
+    def _counted_step(self, closure: Callable[[], float] | None,
+                      amp: tuple[torch.Tensor | None, torch.Tensor | None]) -> float | None:
+        # The kernels read the step's position: a snapshot into its row, or at the period's last step the
+        # coherence sums; the rate from them passes the sync at that step only (-1 elsewhere: no sync).
+        count = self._count
+        count.start(amp[1], self.sync_period)
+        loss = self._base_step(closure, amp)
+        rate = self._coherent_rate(self._snapshot(count.place, coherence=True))
+        self._holder.sync_now(count.sync_at(self.sync_period - 1, rate))
+        count.finish()
+        return loss
+
     @torch.no_grad()
-    def _snapshot(self, slot: int, coherence: bool) -> list[tuple[Bucket, torch.Tensor]]:
-        """Every bucket's params into row ``slot`` of its ring (-1: none); with ``coherence``, each bucket's fp64
-        [tensors, 2] coherence sums, the params being the period's last snapshot."""
+    def _snapshot(self, slot: int | torch.Tensor, coherence: bool) -> list[tuple[Bucket, torch.Tensor]]:
+        """Every bucket's params into row ``slot`` of its ring (-1: none; a tensor: the step's position, read on the
+        device); with ``coherence``, each bucket's fp64 [tensors, 2] coherence sums, the params being the period's
+        last snapshot."""
         out = []
         for bucket in self._holder.bucket_layout():
             sums = bucket.executor.snapshot(bucket, self._ring(bucket), slot, coherence)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import FIRST_CASES, case_named
+from test_tensor_lr import _NoHostReads
 
-from fusedoptim import Lookahead
+from fusedoptim import Lookahead, Scout
 
 BACKENDS = ["reference", "cpu", "triton"]
 SHAPES = [(7,), (33, 31), (1025,), (4, 3, 2, 2)]
@@ -109,12 +110,87 @@ def test_the_triton_step_reads_found_inf_on_the_device():
     assert results["fusedoptim"] == 0 and results["torch"] >= 1, results
 
 
-def test_a_wrapper_takes_gradscalers_own_path():
-    """Lookahead does not declare the support: GradScaler unscales the grads itself and skips the wrapper's step on
-    an inf, so neither the base nor the wrapper's step count moves."""
+#: The wrappers GradScaler steps through, each around a base that takes GradScaler's scale and found_inf; k = 3.
+WRAPPERS = {
+    "lookahead": lambda base: Lookahead(base, sync_period=3),  # the sync in the base's last pass
+    "lookahead-separate": lambda base: Lookahead(base, sync_period=3, fused_sync=False),
+    "scout": lambda base: Scout(base, sync_rate=0.0, sync_period=3),  # rate 0: the rate is 1 - coherence, unclamped
+}
+#: Bases by backend; "torch-fused" is torch's fused AdamW (it declares the support): the wrapper's slow weights then
+#: live in its own buffers, synced on the C++ path.
+WRAPPED_BASES = {
+    "reference": lambda ps: case_named("adabelief").make(ps, backend="reference"),
+    "cpu": lambda ps: case_named("adan").make(ps, backend="cpu"),
+    "triton": lambda ps: case_named("lamb").make(ps, backend="triton"),
+    "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+}
+
+
+def _wrapper_state(opt, params):
+    state = _state(opt, params)
+    if isinstance(opt, Scout):
+        state += [opt.snapshots(p).clone() for p in params]
+    return state
+
+
+@pytest.mark.parametrize("base", list(WRAPPED_BASES))
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_wrapper_skips_a_step_with_an_inf_and_does_not_count_it(wrapper, base):
+    """Through a wrapper, GradScaler's scaled grads give the steps plain grads give, and a step with an inf is not
+    taken: not by the base, and not counted by the wrapper, so its syncs (and Scout's snapshots) come at the same
+    steps taken as for a twin that never saw the bad steps, bitwise. Counted on the device: no host read decides."""
+    gen = torch.Generator().manual_seed(2)
+    start = [torch.randn(s, generator=gen) for s in SHAPES]
+    scaled, plain = [p.clone() for p in start], [p.clone() for p in start]
+    opt, twin = WRAPPERS[wrapper](WRAPPED_BASES[base](scaled)), WRAPPERS[wrapper](WRAPPED_BASES[base](plain))
+    assert opt._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+    bad_steps = (2, 4, 8)  # 2 and 8 where the twin syncs next (steps 3 and 6 taken)
+    for step in range(11):
+        grads = _grads(gen)
+        if step in bad_steps:
+            grads[2][100] = float("inf") if step != 4 else float("nan")
+        before = _wrapper_state(opt, scaled)
+        scale = scaler.scale(torch.ones(())).detach()
+        for p, q, g in zip(scaled, plain, grads, strict=True):
+            p.grad, q.grad = g * scale, g.clone()
+        scaler.step(opt)
+        scaler.update()
+        if step in bad_steps:
+            assert all(torch.equal(a, b) for a, b in zip(_wrapper_state(opt, scaled), before, strict=True))
+        else:
+            twin.step()
+    assert opt.fast_steps == twin.fast_steps == 11 - len(bad_steps)
+    for a, b in zip(_wrapper_state(opt, scaled), _wrapper_state(twin, plain), strict=True):
+        assert torch.equal(a, b)
+    assert scaler.get_scale() == 2.0**10 / 2**3 * 2  # three backoffs, one growth (3 good steps after the last inf)
+
+
+def test_a_wrapper_step_through_gradscaler_reads_nothing_on_the_host():
+    """On the Triton path a GradScaler step through Lookahead or Scout calls no .item(), .tolist(), __float__ or
+    .cpu(): the wrapper's count, its syncs and Scout's ring position are decided on the device."""
+    for make in WRAPPERS.values():
+        params = [torch.randn(s) for s in SHAPES]
+        opt, scaler = make(WRAPPED_BASES["triton"](params)), torch.amp.GradScaler("cpu")
+        for step in range(4):
+            scaler.scale(torch.ones(()))
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if step == 0:
+                scaler.step(opt)  # warm-up: layout, tables
+            else:
+                with _NoHostReads():
+                    scaler.step(opt)
+            scaler.update()
+        assert opt.fast_steps == 4
+
+
+def test_a_wrapper_around_a_base_without_the_support_takes_gradscalers_own_path():
+    """torch's foreach AdamW does not take GradScaler's scale: neither does its wrapper, so GradScaler unscales the
+    grads itself and skips the wrapper's step on an inf, and neither the base nor the wrapper's count moves."""
     params = [torch.randn(s) for s in SHAPES]
-    opt = Lookahead(case_named("adan").make(params, backend="reference"), sync_period=2)
-    assert not getattr(opt, "_step_supports_amp_scaling", False)
+    opt = Lookahead(torch.optim.AdamW(params, foreach=True), sync_period=2)
+    assert not opt._step_supports_amp_scaling
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(torch.ones(()))
     for p in params:

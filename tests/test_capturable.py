@@ -10,7 +10,7 @@ from cases import FIRST_CASES, case_named
 from devices import CPU_ONLY, DEVICE
 from test_tensor_lr import _NoHostReads
 
-from fusedoptim import Lookahead
+from fusedoptim import Lookahead, Scout
 
 SHAPES = [(7,), (33, 31), (1025,), (4, 3, 2, 2)]
 BACKENDS = ["triton"] if DEVICE.type == "cuda" else ["triton", "cpu", "reference"]
@@ -142,8 +142,39 @@ def test_capturable_arguments_are_checked():
         case.make([p], capturable="yes")
     with pytest.raises(ValueError, match="a tensor lr must be an fp32 tensor on the params' device"):
         case.make([p], capturable=True, lr=torch.tensor(1e-3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="Lookahead cannot wrap a capturable optimizer"):
-        Lookahead(case.make([p], capturable=True))
+
+
+#: Wrappers around a capturable base are capturable: their count and rate live on the device (k = 3).
+WRAPPERS = {
+    "lookahead": lambda base: Lookahead(base, sync_period=3),
+    "lookahead-separate": lambda base: Lookahead(base, sync_period=3, fused_sync=False),
+    "scout": lambda base: Scout(base, sync_rate=0.0, sync_period=3),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_capturable_wrapper_step_equals_a_normal_one_and_reads_nothing_on_the_host(wrapper, backend):
+    """Lookahead and Scout around a capturable base: after the warm-up, 7 steps (two syncs) read no host value and
+    give the params, states, slow weights and snapshots of the same wrapper around a normal base with a tensor lr,
+    bitwise; the count read afterwards (a host read) is 8."""
+    case = case_named("lamb") if backend != "cpu" else case_named("adabelief")
+    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a_params, b_params = _params(gen_a), _params(gen_b)
+    capturable = WRAPPERS[wrapper](case.make(a_params, backend=backend, capturable=True, lr=1e-2))
+    normal = WRAPPERS[wrapper](case.make(b_params, backend=backend, lr=torch.tensor(1e-2, device=DEVICE)))
+    assert capturable.capturable and not normal.capturable
+    _steps(capturable, a_params, gen_a, 1)
+    _steps(normal, b_params, gen_b, 1)
+    _steps(capturable, a_params, gen_a, 7, patch=_NoHostReads)
+    _steps(normal, b_params, gen_b, 7)
+    assert capturable.fast_steps == normal.fast_steps == 8
+    for p, q in zip(a_params, b_params, strict=True):
+        assert torch.equal(p, q)
+        for name, value in normal.state[q].items():
+            assert torch.equal(capturable.state[p][name], value), name
+        if isinstance(normal, Scout):
+            assert torch.equal(capturable.snapshots(p), normal.snapshots(q))
 
 
 def test_a_scheduler_drives_a_capturable_lr_in_place():
@@ -189,3 +220,36 @@ def test_a_captured_step_replays_as_eager_steps(case):
     torch.cuda.synchronize()
     for p, q in zip(a_params, b_params, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason=f"CUDA graphs need CUDA; {CPU_ONLY.split(';')[1].strip()}")
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_a_captured_wrapper_step_replays_as_eager_steps(wrapper):
+    """Lookahead and Scout around a capturable LAMB: one step captured, replayed 7 times (two syncs, at the steps the
+    count on the device names) against eager steps of the same wrapper."""
+    case = case_named("lamb")
+    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a_params, b_params = _params(gen_a), _params(gen_b)
+    graphed = WRAPPERS[wrapper](case.make(a_params, backend="triton", capturable=True))
+    eager = WRAPPERS[wrapper](case.make(b_params, backend="triton", capturable=True))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _steps(graphed, a_params, gen_a, 1)
+    torch.cuda.current_stream().wait_stream(stream)
+    _steps(eager, b_params, gen_b, 1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    for _ in range(7):
+        grads = [torch.randn(p.shape, generator=gen_a).to(DEVICE) for p in a_params]
+        for p, q, g in zip(a_params, b_params, grads, strict=True):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    assert graphed.fast_steps == eager.fast_steps == 8
+    for p, q in zip(a_params, b_params, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(graphed.state[p]["slow_param"], eager.state[q]["slow_param"])

@@ -10,6 +10,8 @@ import torch
 from cases import FIRST_CASES, case_named
 from torch._dynamo.utils import counters
 
+from fusedoptim import Lookahead, Scout
+
 # torch._inductor warns as it is imported (torch.jit.script_method in torch.utils.mkldnn): torch's, not a step's
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -103,14 +105,18 @@ def test_a_compiled_training_step_that_calls_step():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the compiled forward may round differently
 
 
-def test_a_compiled_step_takes_gradscalers_scale_and_found_inf():
+@pytest.mark.parametrize("wrapped", [False, True], ids=["optimizer", "lookahead"])
+def test_a_compiled_step_takes_gradscalers_scale_and_found_inf(wrapped):
     """GradScaler sets grad_scale and found_inf on the optimizer before step(); the compiled step passes them to the
-    op (Dynamo writes attributes back after the graph): a scaled step equals the plain one, an inf one is skipped."""
+    op (Dynamo writes attributes back after the graph): a scaled step equals the plain one, an inf one is skipped
+    (through Lookahead at k = 2: not counted, so the sync comes at the second step taken)."""
     case = case_named("adabelief")
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=gen) for s in SHAPES]
     scaled, plain = [p.clone() for p in start], [p.clone() for p in start]
     opt, eager = case.make(scaled, backend="cpu"), case.make(plain, backend="cpu")
+    if wrapped:
+        opt, eager = Lookahead(opt, sync_period=2), Lookahead(eager, sync_period=2)
 
     def step(optimizer, grad_scale, found_inf):
         optimizer.grad_scale, optimizer.found_inf = grad_scale, found_inf
@@ -128,3 +134,59 @@ def test_a_compiled_step_takes_gradscalers_scale_and_found_inf():
         else:
             eager.step()
             assert all(torch.equal(p, q) for p, q in zip(scaled, plain, strict=True))
+    if wrapped:
+        assert opt.fast_steps == eager.fast_steps == 2
+        assert all(torch.equal(opt.state[p]["slow_param"], eager.state[q]["slow_param"])
+                   for p, q in zip(scaled, plain, strict=True))
+
+
+#: Wrappers under torch.compile: the whole wrapper step (its count, Scout's ring, the base's step) is one op (k = 3).
+WRAPPERS = {
+    "lookahead": lambda base: Lookahead(base, sync_period=3),
+    "lookahead-separate": lambda base: Lookahead(base, sync_period=3, fused_sync=False),
+    "scout": lambda base: Scout(base, sync_rate=0.0, sync_period=3),
+    "lookahead-torch": lambda base: Lookahead(base, sync_period=3),  # around torch's AdamW (slow weights apart)
+}
+
+
+@pytest.mark.parametrize(("wrapper", "backend"), [
+    pytest.param(w, b, id=f"{w}-{b}") for w in WRAPPERS for b in ("cpu", "reference", "triton")
+    if not (w == "lookahead-torch" and b != "cpu")])  # torch's base: its slow weights sync on the C++ path
+def test_a_compiled_wrapper_step_equals_the_eager_step(wrapper, backend):
+    """torch.compile(wrapper.step, fullgraph=True) with a tensor lr changed every step: 8 steps (two syncs) equal the
+    eager steps bitwise (params, states, slow weights, Scout's snapshots, the count), with no warning and no graph
+    after the warm-up. Traced as Python, the counter would be a constant of the graph."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in SHAPES]
+    compiled_params, eager_params = [p.clone() for p in start], [p.clone() for p in start]
+
+    def make(params):
+        if wrapper == "lookahead-torch":
+            base = torch.optim.AdamW(params, lr=torch.tensor(1e-2), foreach=False)
+        else:
+            base = case_named("adabelief").make(params, backend=backend, lr=torch.tensor(1e-2))
+        return WRAPPERS[wrapper](base)
+
+    opt, eager = make(compiled_params), make(eager_params)
+    step = torch.compile(opt.step, fullgraph=True)
+    graphs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(8):
+            for p, q in zip(compiled_params, eager_params, strict=True):
+                g = torch.randn(p.shape, generator=gen)
+                p.grad, q.grad = g.clone(), g.clone()
+            step()
+            eager.step()
+            for o in (opt, eager):
+                o.param_groups[0]["lr"].mul_(0.7)
+            graphs.append(_graphs())
+    assert opt.fast_steps == eager.fast_steps == 8
+    for p, q in zip(compiled_params, eager_params, strict=True):
+        assert torch.equal(p, q)
+        for name, value in eager.state[q].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(opt.state[p][name], value), name
+        if isinstance(opt, Scout):
+            assert torch.equal(opt.snapshots(p), eager.snapshots(q))
+    assert graphs[WARM_UP - 1] == graphs[-1], f"graphs per step {graphs}: a tensor lr change recompiled"
