@@ -630,7 +630,8 @@ void run(const BucketArgs& a) {
     }
   };
   // A negative rate is no sync: a wrapper counting its steps on the device (GradScaler may skip a step, a captured
-  // graph replays every step alike) passes its rate every step, negative on the steps that do not sync.
+  // graph replays every step alike) calls the sync on its own (keep) every step, negative between syncs. Read once
+  // per call, so any rule's fused sync takes it too.
   const bool sync = a.slow.defined() && a.sync_rate.const_data_ptr<float>()[0] >= 0.0f;
   if constexpr (sync_only_of<Rule>::value) {
     if (!sync) return;  // the sync on its own: nothing to do

@@ -56,16 +56,14 @@ def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, facto
     else:
         param, state = RULE(param, grad, state, step, *factors, *hyper, *FLAGS)
     if SYNC:  # Lookahead: slow ← slow + rate·(fast − slow); fast ← slow, on the fast weights just computed
-        if sync_rate >= 0.0:  # a negative rate: no sync at this step (a uniform branch: no slow weight is read)
-            slow = tl.load(slow_ptr + state_offset, mask=mask)
-            # the fast weight as stored (rounded to the param dtype), as a separate sync would read it
-            fast = param.to(PARAM_DTYPE).to(tl.float32)
-            # torch.lerp's two forms (as the C++ and reference syncs): exact at rate 0 and at rate 1, where
-            # slow + 1·(fast − slow) is not ("sync_rate = 1 is the base")
-            slow = tl.where(sync_rate < 0.5, slow + sync_rate * (fast - slow),
-                            fast - (fast - slow) * (1.0 - sync_rate))
-            tl.store(slow_ptr + state_offset, slow, mask=mask)
-            param = slow
+        slow = tl.load(slow_ptr + state_offset, mask=mask)
+        # the fast weight as stored (rounded to the param dtype), as a separate sync would read it
+        fast = param.to(PARAM_DTYPE).to(tl.float32)
+        # torch.lerp's two forms (as the C++ and reference syncs): exact at rate 0 and at rate 1, where
+        # slow + 1·(fast − slow) is not ("sync_rate = 1 is the base")
+        slow = tl.where(sync_rate < 0.5, slow + sync_rate * (fast - slow), fast - (fast - slow) * (1.0 - sync_rate))
+        tl.store(slow_ptr + state_offset, slow, mask=mask)
+        param = slow
     if STORE_PARAM:
         tl.store(param_ptr, param.to(PARAM_DTYPE), mask=mask)
     if STORE_STATE:
@@ -102,7 +100,7 @@ def multi_tensor_step_kernel(
     partials,        # fp32[C, NUM_SUMS]: pass A's per-chunk sums (unused when NUM_SUMS == 0)
     factors,         # fp32[S, NUM_FACTORS]: pass B's per-segment factors from finalize (unused when 0)
     slow,            # fp32 flat buffer of Lookahead's slow weights, same layout as the states (used if SYNC)
-    sync_rate_ptr,   # fp32[1]: the sync rate, a device scalar (Scout computes it on the device); < 0: no sync
+    sync_rate_ptr,   # fp32[1]: the sync rate, a device scalar (Scout computes it there); < 0: no sync (SYNC_PASS)
     # Last: placed before state_ptrs, these three cost RaLars's pass A (fp16, sm_100, ptxas-blackwell) a 4 B spill.
     segment_begin,   # int64[S]: tensor t's chunks are segment_begin[t] .. segment_end[t] - 1
     segment_end,     # int64[S]
@@ -172,10 +170,12 @@ def multi_tensor_step_kernel(
     partial_ptr = partials + chunk.to(tl.int64) * NUM_SUMS
     sync_rate = 0.0
     if SYNC:
-        # A negative rate is no sync: a wrapper that counts its steps on the device (GradScaler may skip a step, a
-        # captured graph replays every step alike) passes its rate every step, negative on the steps between syncs.
         sync_rate = tl.load(sync_rate_ptr)
         if (NUM_SUMS == 0) & (NUM_FACTORS == 0) & (not STORE_STATE):  # the sync on its own (SYNC_PASS)
+            # A negative rate is no sync: a wrapper counting its steps on the device (GradScaler may skip a step, a
+            # captured graph replays every step alike) launches this every step, negative between syncs. Only here:
+            # predicating the sync fused into a step's last pass cost AdaBelief's bf16 kernel 9 registers (59 -> 68,
+            # sm_90, past the 64 of 50% occupancy), so such a wrapper syncs in this pass instead (+8 B/param a sync).
             if sync_rate < 0.0:
                 return
     # A mask blocks vectorisation, so full aligned blocks take an unmasked path with the alignment hints; the tail

@@ -36,7 +36,7 @@ class Run:
     hyper: tuple[float, ...]
     flags: tuple[bool, ...]
     maximize: bool
-    sync_rate: torch.Tensor | None = None  # a negative rate: no sync (a wrapper counting its steps on the device)
+    sync_rate: torch.Tensor | None = None
     #: GradScaler's scale (the grads arrive multiplied by it) and found_inf (nonzero: skip the step), fp32[1] on the
     #: params' device; None without a GradScaler (``FusedOptimizer._step_supports_amp_scaling``)
     grad_scale: torch.Tensor | None = None
@@ -81,7 +81,8 @@ class Executor(Protocol):
         states; with ``run.sync_rate``, Lookahead's sync of the tensors stepped."""
 
     def sync(self, bucket: Bucket, indices: tuple[int, ...], sync_rate: torch.Tensor) -> None:
-        """Lookahead's sync of the listed tensors: slow ← slow + rate·(θ − slow); θ ← slow."""
+        """Lookahead's sync of the listed tensors: slow ← slow + rate·(θ − slow); θ ← slow. A negative rate (read on
+        the device) is no sync: what a wrapper counting its steps there passes between syncs."""
 
     def snapshot(self, bucket: Bucket, ring: torch.Tensor, slot: int | torch.Tensor,
                  coherence: bool) -> torch.Tensor | None:

@@ -244,13 +244,12 @@ class _SyncWrapper(Optimizer):
         return self._eager_step(closure=closure)
 
     def _written_tensors(self) -> list[torch.Tensor]:
-        """Every tensor a step may write besides the params: the base's state, the slow weights, Scout's rings and
-        the count on the device."""
+        """Every tensor a step may write besides the params: the base's state, the slow weights, the count on the
+        device (Scout: and its rings)."""
         tensors = self._holder.flat_buffers()
         if self._holder is not self.base_optimizer:
             tensors += [value for p in self._params() for value in self.base_optimizer.state.get(p, {}).values()
                         if isinstance(value, torch.Tensor)]
-        tensors += [ring for _, ring in getattr(self, "_rings", {}).values()]
         if self._count is not None:
             count = self._count
             tensors += [count.steps, count.skipped, count.place, count.due, count.rate]
@@ -286,7 +285,20 @@ class _SyncWrapper(Optimizer):
 
     def _counted_step(self, closure: Callable[[], float] | None,
                       amp: tuple[torch.Tensor | None, torch.Tensor | None]) -> float | None:
-        """A step counted on the device: the same syncs at the same steps taken, decided there."""
+        """A step counted on the device: the same syncs at the same steps taken, decided there. Every step launches
+        the sync on its own with its rate, -1 (a launch that returns at once, a C++ call that does nothing) but at the
+        period's last step taken; a skipped step syncs nothing. Lookahead's is not fused into the base's last pass,
+        whose kernels would then carry the predicate on every step (kernels/_template.py: 9 registers): its sync
+        step moves +16 B/param instead of +8."""
+        count = self._count
+        count.start(amp[1], self.sync_period)
+        loss = self._base_step(closure, amp)
+        self._holder.sync_now(count.sync_at(self.sync_period - 1, self._counted_rate(count)))
+        count.finish()
+        return loss
+
+    def _counted_rate(self, count: _StepCount) -> torch.Tensor:
+        """A counted step's sync rate (used at the period's last step only), after the base step."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state_dict
@@ -437,7 +449,8 @@ class Lookahead(_SyncWrapper):
         sync_period: k >= 1 (default: 6).
         k: virtex's name for ``sync_period``.
         alpha: virtex's name for ``sync_rate``.
-        fused_sync: with a fusedoptim base, sync inside its last pass (default: True).
+        fused_sync: with a fusedoptim base, sync inside its last pass (default: True); a Lookahead counting its
+            steps on the device (GradScaler, capturable) syncs in a pass of its own.
         backend: backend of the slow-weight sync when the base is not a fusedoptim optimizer (default: "auto").
 
     State: per param, ``slow_param`` (fp32, in flat buffers).
@@ -454,21 +467,8 @@ class Lookahead(_SyncWrapper):
         # fused into the base's last pass when the base is a fusedoptim optimizer
         return self._rate if self._fused_sync else None
 
-    def _counted_step(self, closure: Callable[[], float] | None,
-                      amp: tuple[torch.Tensor | None, torch.Tensor | None]) -> float | None:
-        # Every step passes the sync its rate, -1 but at the period's last step taken: the kernels skip a sync
-        # with a negative rate in a uniform branch (no slow weight read), and a skipped step syncs nothing.
-        count = self._count
-        count.start(amp[1], self.sync_period)
-        rate = count.sync_at(self.sync_period - 1, self._rate)
-        if self._fused_sync:
-            with self._holder.fused_sync(rate):
-                loss = self._base_step(closure, amp)
-        else:
-            loss = self._base_step(closure, amp)
-            self._holder.sync_now(rate)
-        count.finish()
-        return loss
+    def _counted_rate(self, count: _StepCount) -> torch.Tensor:
+        return self._rate
 
     def _after_base_step(self) -> None:
         if self._fast_steps % self.sync_period == 0:
@@ -562,17 +562,13 @@ class Scout(_SyncWrapper):
         else:
             self._holder.sync_now(self._coherent_rate(self._snapshot(-1, coherence=True)))  # needs the step's result
 
-    def _counted_step(self, closure: Callable[[], float] | None,
-                      amp: tuple[torch.Tensor | None, torch.Tensor | None]) -> float | None:
-        # The kernels read the step's position: a snapshot into its row, or at the period's last step the
-        # coherence sums; the rate from them passes the sync at that step only (-1 elsewhere: no sync).
-        count = self._count
-        count.start(amp[1], self.sync_period)
-        loss = self._base_step(closure, amp)
-        rate = self._coherent_rate(self._snapshot(count.place, coherence=True))
-        self._holder.sync_now(count.sync_at(self.sync_period - 1, rate))
-        count.finish()
-        return loss
+    def _counted_rate(self, count: _StepCount) -> torch.Tensor:
+        # The kernels read the step's place: a snapshot into its row, or at the period's last step the coherence
+        # sums, whose rate the sync takes at that step only. The rate's torch ops on the sums run at every step.
+        return self._coherent_rate(self._snapshot(count.place, coherence=True))
+
+    def _written_tensors(self) -> list[torch.Tensor]:
+        return super()._written_tensors() + [ring for _, ring in self._rings.values()]
 
     @torch.no_grad()
     def _snapshot(self, slot: int | torch.Tensor, coherence: bool) -> list[tuple[Bucket, torch.Tensor]]:

@@ -163,6 +163,9 @@ def test_a_wrapper_skips_a_step_with_an_inf_and_does_not_count_it(wrapper, base)
     assert opt.fast_steps == twin.fast_steps == 11 - len(bad_steps)
     for a, b in zip(_wrapper_state(opt, scaled), _wrapper_state(twin, plain), strict=True):
         assert torch.equal(a, b)
+    restored = WRAPPERS[wrapper](WRAPPED_BASES[base]([p.clone() for p in scaled]))
+    restored.load_state_dict(opt.state_dict())  # the count read back from the device
+    assert restored.fast_steps == 8
     assert scaler.get_scale() == 2.0**10 / 2**3 * 2  # three backoffs, one growth (3 good steps after the last inf)
 
 
