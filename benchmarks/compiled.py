@@ -110,7 +110,7 @@ class Variant:
     state_types: tuple[str, ...] | None = None  # Triton's name of each state's dtype (None: all fp32)
     advance_steps: int = 0  # the step's first pass sees step + 1 (2: and stores it)
     amp: bool = False  # GradScaler's unscale and skip (options "gradscaler")
-    lr_tensor: bool = False  # the lr read from a device tensor (options "tensor-lr")
+    lr_tensor: int = 0  # 1: the lr read from a device tensor (options "tensor-lr"); 2: every scalar ("tensor-betas")
 
     @property
     def label(self) -> str:
@@ -235,11 +235,15 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                                        num_hyper, p.num_sums, p.num_factors, p.store_param, p.store_state, dtype,
                                        False, maximize, arch, model, state_types(dtype), p.advance_steps, amp=True))
                 if default and dtype != "fp16" and arch == (90 if 90 in archs else archs[0]):
-                    # a tensor lr: one scalar load more, the addressing unchanged (sm_90 stands for the others)
-                    out.append(Variant(spec.name, "tensor-lr", name, _rule_name(p.rule), tuple(flags), num_states,
-                                       num_hyper, p.num_sums, p.num_factors, p.store_param, p.store_state, dtype,
-                                       False, maximize, arch, model, state_types(dtype), p.advance_steps,
-                                       lr_tensor=True))
+                    # a tensor lr: one scalar load more, the addressing unchanged (sm_90 stands for the others);
+                    # tensor betas: every scalar loaded (RaLars and LARS take none)
+                    for mode, options in ((1, "tensor-lr"), (2, "tensor-betas")):
+                        if mode == 2 and spec.name in ("lars", "ralars"):
+                            continue
+                        out.append(Variant(spec.name, options, name, _rule_name(p.rule), tuple(flags), num_states,
+                                           num_hyper, p.num_sums, p.num_factors, p.store_param, p.store_state,
+                                           dtype, False, maximize, arch, model, state_types(dtype), p.advance_steps,
+                                           lr_tensor=mode))
             for p in passes:
                 if not p.num_sums:
                     continue
@@ -251,9 +255,12 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
                                        _rule_name(finalize[0]), tuple(flags), 0, num_hyper, p.num_sums,
                                        passes[-1].num_factors, False, False, "fp32", False, maximize, arch, amp=amp))
                 if default:
-                    out.append(Variant(spec.name, "tensor-lr", "segment_sum", _rule_name(finalize[0]), tuple(flags), 0,
-                                       num_hyper, p.num_sums, passes[-1].num_factors, False, False, "fp32", False,
-                                       maximize, 90 if 90 in archs else archs[0], lr_tensor=True))
+                    for mode, options in ((1, "tensor-lr"), (2, "tensor-betas")):
+                        if mode == 2 and spec.name in ("lars", "ralars"):
+                            continue
+                        out.append(Variant(spec.name, options, "segment_sum", _rule_name(finalize[0]), tuple(flags),
+                                           0, num_hyper, p.num_sums, passes[-1].num_factors, False, False, "fp32",
+                                           False, maximize, 90 if 90 in archs else archs[0], lr_tensor=mode))
                 if p.num_sums not in num_sums_seen:  # without a finalize (sharded params): one per sum count
                     num_sums_seen.add(p.num_sums)
                     for arch in archs:

@@ -7,6 +7,7 @@ count, in four modes:
 
 - ``float lr``: a plain step, its lr a float a scheduler changes;
 - ``tensor lr``: the lr a 0-d tensor changed in place every step (the torch.compile recipe);
+- ``tensor betas``: the betas 0-d tensors too (as torch's Adam takes them), the first changed in place every step;
 - ``GradScaler``: ``torch.amp.GradScaler("cpu").step(opt)`` and ``update()``, a float lr;
 - ``capturable``: ``capturable=True`` (its lr on the device, changed in place).
 
@@ -37,7 +38,7 @@ import fusedoptim
 from .registry import ALGORITHMS, LOOKAHEAD, SCOUT
 
 SHAPES = [(64,), (33, 31), (4, 3, 2, 2)]
-MODES = ("float lr", "tensor lr", "GradScaler", "capturable")
+MODES = ("float lr", "tensor lr", "tensor betas", "GradScaler", "capturable")
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu")
 WARM_UP, STEPS = 2, 6
 
@@ -89,14 +90,21 @@ def host_reads_per_step(name: str, make: Make, mode: str) -> float | None:
     """The host reads per step in ``mode`` after the warm-up; None where the optimizer has no such mode."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen) for s in SHAPES]
-    kwargs = {"lr": torch.tensor(1e-3)} if mode == "tensor lr" else {"lr": 1e-3}
+    kwargs = {"lr": torch.tensor(1e-3)} if mode in ("tensor lr", "tensor betas") else {"lr": 1e-3}
     if mode == "capturable":
         kwargs["capturable"] = True
     if mode == "capturable" and name.startswith("torch"):
         return None  # torch's capturable AdamW runs on CUDA only
-    try:
-        opt = make(params, kwargs)
-    except (TypeError, ValueError):  # no such mode in this version (capturable), or a wrapper refusing it
+    opt = None
+    for betas in ((0.9, 0.999), (0.9, 0.99, 0.999)) if mode == "tensor betas" else (None,):
+        if betas is not None:
+            kwargs["betas"] = tuple(torch.tensor(b) for b in betas)
+        try:
+            opt = make(params, kwargs)
+            break
+        except (TypeError, ValueError):  # no such mode in this version or optimizer, or the other count of betas
+            continue
+    if opt is None:
         return None
     scaler = torch.amp.GradScaler("cpu") if mode == "GradScaler" else None
     counted: list[str] = []
@@ -111,11 +119,13 @@ def host_reads_per_step(name: str, make: Make, mode: str) -> float | None:
                 scaler.update()
             else:
                 opt.step()
-            lr = opt.param_groups[0]["lr"]
-            if isinstance(lr, torch.Tensor):
-                lr.mul_(0.9)
+            group = opt.param_groups[0]
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].mul_(0.9)
             else:
-                opt.param_groups[0]["lr"] = lr * 0.9
+                group["lr"] = group["lr"] * 0.9
+            if mode == "tensor betas":
+                group["betas"][0].mul_(0.99)
     return len(counted) / STEPS
 
 

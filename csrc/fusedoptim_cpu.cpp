@@ -7,7 +7,8 @@
 //                        fills sums and factors (phase 1: pass A only, fills sums; phase 2: pass B only, reads
 //                        factors)
 // inv_grad_scale: torch.amp.GradScaler's inverse scale, by which the grads are multiplied as they are read
-// lr (None: hyper[0]): a tensor learning rate, fp32[1] on the CPU, read here in place of hyper[0] (every rule's lr)
+// lr (None: hyper[0]): a tensor learning rate, fp32[1] on the CPU, read here in place of hyper[0] (every rule's lr);
+// or fp32[len(hyper)], every runtime scalar (tensor betas)
 // slow / sync_rate (None: no sync) fuse Lookahead's sync into the last pass; keep_step with the params as grads
 // is the sync on its own. scout_snapshot: Scout's ring and coherence sums (scout.cpp). Only pybind11 and the
 // Tensor caster, not <torch/extension.h>: that pulls in all of
@@ -25,14 +26,17 @@ using Optional = std::optional<at::Tensor>;
 using Tensors = std::vector<at::Tensor>;
 using Ints = std::vector<int64_t>;
 
-// The runtime scalars with a tensor lr's value in place of hyper[0]: read in C++, so that Python never calls
-// .item() on it (a graph break under torch.compile; with a CUDA lr it would be a host sync).
+// The runtime scalars with a tensor lr's value in place of hyper[0], or all of them from the tensor: read in C++, so
+// that Python never calls .item() on it (a graph break under torch.compile; with a CUDA lr it would be a host sync).
 inline std::vector<double> read_lr(std::vector<double> hyper, const Optional& lr) {
   if (lr.has_value()) {
-    TORCH_CHECK(lr->device().is_cpu() && lr->scalar_type() == at::kFloat && lr->numel() == 1,
-                "fusedoptim cpu: a tensor lr must be a 1-element fp32 CPU tensor");
+    const int64_t n = lr->numel();
+    TORCH_CHECK(lr->device().is_cpu() && lr->scalar_type() == at::kFloat && lr->is_contiguous() &&
+                    (n == 1 || n == static_cast<int64_t>(hyper.size())),
+                "fusedoptim cpu: a tensor lr must be an fp32 CPU tensor of 1 element, or of one per runtime scalar");
     TORCH_CHECK(!hyper.empty(), "fusedoptim cpu: a tensor lr needs hyper[0], the rule's lr");
-    hyper[0] = static_cast<double>(*lr->data_ptr<float>());
+    const float* values = lr->const_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) hyper[i] = static_cast<double>(values[i]);
   }
   return hyper;
 }

@@ -99,7 +99,7 @@ def launch_step(
                            num_sums=0 if partials is None else partials.shape[1],
                            num_factors=0 if factors is None else factors.shape[1],
                            store_param=store_param, store_state=store_state, sync=slow is not None,
-                           advance_steps=advance_steps, amp=amp is not None, lr_tensor=lr is not None)
+                           advance_steps=advance_steps, amp=amp is not None, lr_tensor=lr_mode(lr))
     grad_scale, found_inf = (steps, steps) if amp is None else amp
     # Triton launches on the *current* CUDA device, which need not be the bucket's.
     guard = torch.cuda.device(steps.device) if steps.device.type == "cuda" else contextlib.nullcontext()
@@ -113,6 +113,12 @@ def launch_step(
     LAUNCH_COUNTS["multi_tensor_step_kernel"] += 1
 
 
+def lr_mode(lr: torch.Tensor | None) -> int:
+    """The kernels' LR_TENSOR for ``lr``: 0 none, 1 the learning rate (fp32[1]), 2 every runtime scalar (fp32[H],
+    tensor betas). The size is host metadata: no read."""
+    return 0 if lr is None else 1 if lr.numel() == 1 else 2
+
+
 def check_devices(device: torch.device, **tensors: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
     """Every tensor a kernel reads through a pointer must live on the params' device: a host pointer passed to a
     CUDA kernel is an illegal address (Triton refuses it at launch; a raw pointer in a table would not be)."""
@@ -124,7 +130,7 @@ def check_devices(device: torch.device, **tensors: torch.Tensor | Sequence[torch
 
 def step_options(rule: triton.JITFunction, flags: tuple, param_dtype: torch.dtype, maximize: bool, *,
                  num_sums: int = 0, num_factors: int = 0, store_param: bool = True, store_state: bool = True,
-                 sync: bool = False, advance_steps: int = 0, amp: bool = False, lr_tensor: bool = False) -> dict:
+                 sync: bool = False, advance_steps: int = 0, amp: bool = False, lr_tensor: int = 0) -> dict:
     """The compile-time arguments of one ``multi_tensor_step_kernel`` launch (its constexprs and compiler options):
     together with ``step_signature`` they name the specialisation that runs. The compiled-code checks
     (``benchmarks/compiled.py``) build what they compile from these two functions, so they check what is launched.
@@ -163,7 +169,7 @@ SUM_ROW_FACTORS = 4 if INTERPRETED else 128
 
 
 def segment_sum_options(num_sums: int, finalize: tuple = (), flags: tuple = (), num_factors: int = 0,
-                        amp: bool = False, lr_tensor: bool = False) -> dict:
+                        amp: bool = False, lr_tensor: int = 0) -> dict:
     """The compile-time arguments of one ``segment_sum_kernel`` launch (see ``step_options``); ``finalize``: the
     rule's Triton finalize, and for rules with row statistics its row test and row factors (empty: none)."""
     finalize = tuple(finalize) + (None,) * (3 - len(finalize))
@@ -194,7 +200,7 @@ class Finalize(NamedTuple):
     hyper: tuple[float, ...]
     tensor_states: tuple[torch.Tensor, ...]
     factors: torch.Tensor
-    lr: torch.Tensor | None = None  # fp32[1] on the device: read in place of hyper[0]
+    lr: torch.Tensor | None = None  # fp32[1] on the device: read in place of hyper[0]; fp32[H]: of every one
 
 
 class SumTables(NamedTuple):
@@ -236,7 +242,7 @@ def launch_segment_sum(partials: torch.Tensor, tables: Tables, sums: torch.Tenso
         factors, tensor_states, hyper = sums, (), ()
     else:
         options = segment_sum_options(partials.shape[1], finalize.functions, finalize.flags,
-                                      finalize.factors.shape[1], amp=amp, lr_tensor=lr is not None)
+                                      finalize.factors.shape[1], amp=amp, lr_tensor=lr_mode(lr))
         factors, tensor_states, hyper = finalize.factors, finalize.tensor_states, finalize.hyper
     guard = torch.cuda.device(sums.device) if sums.device.type == "cuda" else contextlib.nullcontext()
     with guard:

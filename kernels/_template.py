@@ -73,13 +73,14 @@ def _apply_rule(param_ptr, grad_ptr, state_ptrs, state_offset, mask, step, facto
 
 @triton.jit
 def _runtime_scalars(hyper, lr_ptr, LR_TENSOR: tl.constexpr):
-    """The rule's runtime scalars as fp32. With LR_TENSOR the first, every rule's lr, is read from ``lr_ptr`` (a
+    """The rule's runtime scalars as fp32. With LR_TENSOR = 1 the first, every rule's lr, is read from ``lr_ptr`` (a
     0-d tensor on the device, e.g. scheduled there) in place of the placeholder passed: no host read, and neither a
-    float nor a tensor LR is a compile-time constant, so a new LR never compiles a kernel."""
+    float nor a tensor LR is a compile-time constant, so a new LR never compiles a kernel. With 2 every one is read
+    from ``lr_ptr``, fp32[len(hyper)] (tensor betas: their scalars are computed on the device)."""
     out = ()
     for i in tl.static_range(len(hyper)):
-        if LR_TENSOR and i == 0:
-            out = out + (tl.load(lr_ptr).to(tl.float32),)
+        if (LR_TENSOR == 2) or (LR_TENSOR == 1 and i == 0):
+            out = out + (tl.load(lr_ptr + i).to(tl.float32),)
         else:
             out = out + (tl.cast(hyper[i], tl.float32),)  # `.to` fails on floats in the interpreter
     return out
@@ -107,7 +108,7 @@ def multi_tensor_step_kernel(
     step_counters,   # int32[T]: zeros between launches; ADVANCE_STEPS == 2 counts each tensor's programs in it
     grad_scale,      # fp32[1]: GradScaler's scale, by which the grads arrive multiplied (read with AMP)
     found_inf,       # fp32[1]: nonzero when a grad had an inf or NaN: then the step is skipped (read with AMP)
-    lr_ptr,          # fp32[1]: the learning rate, read in place of hyper[0] (LR_TENSOR)
+    lr_ptr,          # fp32[1]: the learning rate, read in place of hyper[0] (LR_TENSOR 1); fp32[H]: every scalar (2)
     RULE: tl.constexpr,         # the @triton.jit rule
     FLAGS: tl.constexpr,        # tuple of the rule's structural options (amsgrad, ...)
     PARAM_DTYPE: tl.constexpr,  # dtype of params and grads; math and state are fp32
@@ -120,7 +121,7 @@ def multi_tensor_step_kernel(
     SYNC: tl.constexpr = False,
     ADVANCE_STEPS: tl.constexpr = 0,  # the step's first pass: the rule sees step + 1; 2: this kernel stores it
     AMP: tl.constexpr = False,  # GradScaler: unscale the grads by grad_scale, skip everything if found_inf
-    LR_TENSOR: tl.constexpr = False,  # a tensor LR: lr_ptr
+    LR_TENSOR: tl.constexpr = 0,  # 1: a tensor LR at lr_ptr; 2: every runtime scalar there (tensor betas)
 ):
     inv_grad_scale = 1.0
     if AMP:
@@ -250,7 +251,7 @@ def segment_sum_kernel(
     failing_rows,    # int32[T]: zeros between launches: ROW_TEST's count per tensor
     found_inf,       # fp32[1]: with AMP, nonzero skips the step: no sums, steps, factors or states are stored
     hyper,           # tuple of the rule's runtime scalars
-    lr_ptr,          # fp32[1]: the learning rate, read in place of hyper[0] (LR_TENSOR)
+    lr_ptr,          # fp32[1]: the learning rate, read in place of hyper[0] (LR_TENSOR 1); fp32[H]: every scalar (2)
     num_tensors,     # segments 0 .. T - 1 are the tensors (not specialised: no recompile per bucket size)
     num_segments,
     NUM_SUMS: tl.constexpr,
@@ -264,7 +265,7 @@ def segment_sum_kernel(
     NUM_FACTORS: tl.constexpr = 0,
     ROWS_STEP: tl.constexpr = 128,    # rows whose factors ROW_FACTORS writes per step
     AMP: tl.constexpr = False,
-    LR_TENSOR: tl.constexpr = False,
+    LR_TENSOR: tl.constexpr = 0,
 ):
     """A deterministic two-level sum, then the rule's finalize, in one launch.
 

@@ -43,15 +43,20 @@ class Run:
     found_inf: torch.Tensor | None = None
     inv_grad_scale: float = 1.0  # the host executors' copy of 1 / grad_scale (host_amp)
     #: a tensor learning rate (the group's "lr" is a tensor) as fp32[1] on the params' device, read by the kernels;
-    #: ``hyper[0]`` is then its 0-d view, for the torch code (the reference, the torch finalize)
+    #: ``hyper[0]`` is then its 0-d view, for the torch code (the reference, the torch finalize). With tensor betas,
+    #: every runtime scalar as fp32[H] (``FusedOptimizer._hyper_on``), ``hyper`` holding views of the tensor ones
     lr: torch.Tensor | None = None
     kernel_grads: list[torch.Tensor | None] | None = None  # the grads as the Triton kernels read them, once checked
     grad_ptrs: tuple[int, ...] | None = None  # and their addresses (0: no grad)
 
     def kernel_hyper(self) -> tuple[float, ...]:
-        """The runtime scalars as the compiled kernels take them: floats, with a placeholder for a tensor lr (read
-        from ``lr`` on the device)."""
-        return self.hyper if self.lr is None else (0.0, *self.hyper[1:])
+        """The runtime scalars as the compiled kernels take them: floats, with placeholders for those read from
+        ``lr`` on the device (fp32[1]: the lr; fp32[H]: all of them)."""
+        if self.lr is None:
+            return self.hyper
+        if self.lr.numel() == 1:
+            return (0.0, *self.hyper[1:])
+        return tuple(0.0 if isinstance(h, torch.Tensor) else h for h in self.hyper)
 
     def host_amp(self) -> tuple[bool, float]:
         """(skip the step, the inverse scale to multiply the grads by), read on the host by the executors that run

@@ -161,8 +161,11 @@ class FusedOptimizer(Optimizer):
         return names
 
     def _group_key(self, group: dict[str, Any]) -> tuple:
-        return tuple(id(v) if isinstance(v, torch.Tensor) else v
-                     for v in map(group.get, self._hyper_names()))
+        # tensors by identity (one filled in place is never read again), in tuples too (tensor betas): comparing
+        # tensors by value would read them on the host
+        return tuple(id(v) if isinstance(v, torch.Tensor)
+                     else tuple(id(x) if isinstance(x, torch.Tensor) else x for x in v) if isinstance(v, tuple)
+                     else v for v in map(group.get, self._hyper_names()))
 
     def _check_group(self, group: dict[str, Any], index: int, *, cache: bool = True) -> None:
         """ValueError naming the group unless its hyperparameters pass the constructor's checks (it is built on a
@@ -328,6 +331,8 @@ class FusedOptimizer(Optimizer):
             lr = group["lr"]
             tensor_lr = isinstance(lr, torch.Tensor)
             hyper, flags = self.group_scalars({**group, "lr": 0.0} if tensor_lr else group)  # never lr.item()
+            # betas given as tensors: their scalars (beta, log beta) are 0-d tensors, computed on their device
+            tensor_hyper = [i for i, h in enumerate(hyper) if isinstance(h, torch.Tensor)]
             for bucket in self._buckets(group):
                 grads = [p.grad for p in bucket.params]
                 active = tuple(i for i, g in enumerate(grads) if g is not None)
@@ -344,7 +349,11 @@ class FusedOptimizer(Optimizer):
                                 and g.device == device and g.shape == tensors[i].shape):
                             grads[i] = self._checked_grad(bucket, i, g)
                 run = Run(bucket, self.rule, active, grads, hyper, flags, group["maximize"])
-                if tensor_lr:
+                if tensor_hyper:
+                    run.lr = self._hyper_on(bucket.device, lr if tensor_lr else None, hyper, tensor_hyper)
+                    run.hyper = tuple(run.lr[i] if i in tensor_hyper or (i == 0 and tensor_lr) else h
+                                      for i, h in enumerate(hyper))
+                elif tensor_lr:
                     run.lr = self._lr_on(bucket.device, lr)
                     run.hyper = (run.lr.reshape(()), *hyper[1:])
                 bucket.executor.check_run(run, type(self).__name__, self.capturable)
@@ -402,6 +411,29 @@ class FusedOptimizer(Optimizer):
         place); otherwise a copy made on the device (a CPU lr for CUDA params: an async host-to-device copy). The
         group check (``_check_group``, check_lr) has refused any other than a 1-element floating-point tensor."""
         return lr.detach().to(device, torch.float32, non_blocking=True).reshape(1)
+
+    def _hyper_on(self, device: torch.device, lr: torch.Tensor | None, hyper: tuple[float | torch.Tensor, ...],
+                  positions: list[int]) -> torch.Tensor:
+        """Every runtime scalar as fp32[H] on ``device``, as the kernels read them when a hyperparameter besides
+        the lr is a tensor (betas): the float ones from a device copy kept per device (remade, by one asynchronous
+        copy, when they change: with tensor betas a float lr changed every step costs one such copy a step), the
+        tensor lr and the tensors' scalars written over them on the device. No host read; a few small ops a step."""
+        floats = tuple(0.0 if isinstance(h, torch.Tensor) else h for h in hyper)
+        written = ([0] if lr is not None else []) + positions
+        constants = self.__dict__.setdefault("_hyper_constants", {})
+        cached = constants.get(device)
+        if cached is None or cached[0] != (floats, written):
+            host = torch.tensor(floats, dtype=torch.float32)
+            index = torch.tensor(written, dtype=torch.int64)
+            if device.type == "cuda":  # asynchronous from pinned memory, as the tables go
+                host, index = host.pin_memory(), index.pin_memory()
+            cached = constants[device] = ((floats, written), host.to(device, non_blocking=True),
+                                          index.to(device, non_blocking=True))
+        _, base, index = cached
+        values = [hyper[i].to(device, non_blocking=True) for i in positions]
+        if lr is not None:
+            values.insert(0, self._lr_on(device, lr).reshape(()))
+        return base.index_put((index,), torch.stack(values))
 
     def _checked_grad(self, bucket: Bucket, i: int, grad: torch.Tensor) -> torch.Tensor:
         """Param i's local gradient, checked as every kernel needs it before anything is written: dense, the

@@ -31,9 +31,10 @@ def register(optimizer: Optimizer) -> None:
 
 def compiled_step(optimizer: Optimizer, states: list[torch.Tensor]) -> None:
     """What ``optimizer.step()`` does under torch.compile: one op over its params, their grads, ``states`` (every
-    tensor the step writes besides the params), its tensor lrs and GradScaler's scale and found_inf."""
+    tensor the step writes besides the params), its tensor lrs and betas and GradScaler's scale and found_inf."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    lrs = [group["lr"] for group in optimizer.param_groups if isinstance(group["lr"], torch.Tensor)]
+    lrs = [value for group in optimizer.param_groups for value in (group["lr"], *group.get("betas", ()))
+           if isinstance(value, torch.Tensor)]  # tensor lrs and betas
     torch.ops.fusedoptim.step(optimizer._handle, params, [p.grad for p in params], states, lrs,
                               getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None))
 

@@ -26,10 +26,20 @@ def check_lr(lr: Any) -> None:
         raise ValueError(f"Invalid learning rate: {lr} overflows fp32 (the kernels' type; max {FP32_MAX:.4g})")
 
 
-def check_betas(betas: Sequence[float], count: int) -> None:
+def check_betas(betas: Sequence[float | torch.Tensor], count: int, tensors: bool = True) -> None:
+    """``count`` betas in [0, 1): numbers, or (``tensors``) 1-element floating-point tensors as torch's Adam takes
+    them (the kernels read those on the device; their value is read here, once, never at a step)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != count:
         raise ValueError(f"betas must be a tuple of {count} floats, got {betas!r}")
     for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if not tensors:
+                raise ValueError(f"betas[{i}] must be a number, not a tensor: this optimizer derives host-side "
+                                 "constants from its betas")
+            if beta.numel() != 1 or not beta.is_floating_point():
+                raise ValueError(f"Invalid beta parameter at index {i}: a tensor beta must be a 1-element "
+                                 f"floating-point tensor, got {beta.dtype} of shape {tuple(beta.shape)}")
+            beta = beta.item()  # once, at construction or when the group's betas are replaced
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
 
@@ -39,10 +49,11 @@ def check_non_negative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (must be a finite number >= 0)")
 
 
-def check_adam(lr: Any, betas: Sequence[float], count: int, eps: Any, weight_decay: Any) -> None:
+def check_adam(lr: Any, betas: Sequence[float | torch.Tensor], count: int, eps: Any, weight_decay: Any,
+               tensor_betas: bool = True) -> None:
     """The arguments every Adam-family optimizer here takes: lr, ``count`` betas, eps and weight_decay."""
     check_lr(lr)
-    check_betas(betas, count)
+    check_betas(betas, count, tensor_betas)
     check_non_negative("epsilon", eps)
     check_non_negative("weight_decay", weight_decay)
 

@@ -123,7 +123,7 @@ class RaLars(FusedOptimizer):
                  scale_clip: tuple[float, float] | None = None, *, maximize: bool = False,
                  backend: Backend = "auto",
                  capturable: bool = False) -> None:
-        check_adam(lr, betas, 2, eps, weight_decay)
+        check_adam(lr, betas, 2, eps, weight_decay, tensor_betas=False)  # rectify_from_step: a host search
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         force_adaptive_momentum=bool(force_adaptive_momentum), scale_clip=check_scale_clip(scale_clip),
                         maximize=bool(maximize))

@@ -190,3 +190,30 @@ def test_a_compiled_wrapper_step_equals_the_eager_step(wrapper, backend):
         if isinstance(opt, Scout):
             assert torch.equal(opt.snapshots(p), eager.snapshots(q))
     assert graphs[WARM_UP - 1] == graphs[-1], f"graphs per step {graphs}: a tensor lr change recompiled"
+
+
+def test_a_compiled_step_with_tensor_betas_reads_them_each_step():
+    """Tensor betas (and lr), filled in place every step, are op inputs: the compiled steps equal the eager ones and
+    compile no graph after the warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in SHAPES]
+    compiled_params, eager_params = [p.clone() for p in start], [p.clone() for p in start]
+
+    def make(params):
+        return case_named("lamb").make(params, backend="cpu", lr=torch.tensor(1e-2),
+                                       betas=(torch.tensor(0.9), torch.tensor(0.99)))
+
+    opt, eager = make(compiled_params), make(eager_params)
+    step = torch.compile(opt.step, fullgraph=True)
+    graphs = []
+    for i in range(5):
+        for p, q in zip(compiled_params, eager_params, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        step()
+        eager.step()
+        for o in (opt, eager):
+            o.param_groups[0]["betas"][0].fill_(0.9 - 0.1 * i)
+        graphs.append(_graphs())
+    assert all(torch.equal(p, q) for p, q in zip(compiled_params, eager_params, strict=True))
+    assert graphs[WARM_UP - 1] == graphs[-1], graphs

@@ -3,9 +3,11 @@ place by the user or a scheduler, read by the kernels on the device and never wi
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from cases import FIRST_CASES
+from cases import FIRST_CASES, case_named
 
 BACKENDS = ["reference", "cpu", "triton"]
 SHAPES = [(7,), (33, 31), (1025,), (4, 3, 2, 2)]
@@ -109,3 +111,57 @@ def test_a_tensor_lr_on_another_device_or_of_another_dtype_is_read_there_as_fp32
     floats, _ = _run(case, "cpu", 1e-2)
     doubles, _ = _run(case, "cpu", torch.tensor(1e-2, dtype=torch.float64))
     assert all(torch.equal(a, b) for a, b in zip(doubles, floats, strict=True))
+
+
+#: The optimizers whose betas may be tensors, as torch's Adam takes them (RaLars's may not: its rectification start
+#: is a host-side search over its beta2); LARS has none.
+BETA_CASES = [c for c in FIRST_CASES if "betas" in c.full_kwargs() and c.name != "ralars"]
+
+
+def _run_betas(case, backend, as_tensors, lr=1e-2, patch=None, steps=STEPS):
+    """Params and states after ``steps`` steps whose betas move after each (in place for tensors), lr ``lr``."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in SHAPES]
+    betas = case.full_kwargs()["betas"]
+    opt = case.make(params, backend=backend, lr=lr,
+                    betas=tuple(torch.tensor(b) for b in betas) if as_tensors else betas)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        with patch() if patch is not None and step > 0 else contextlib.nullcontext():
+            opt.step()
+        moved = tuple(b - 0.01 * (step + 1) * (1 - b) for b in betas)  # towards 0, staying in [0, 1)
+        group = opt.param_groups[0]
+        if as_tensors:
+            for tensor, value in zip(group["betas"], moved, strict=True):
+                tensor.fill_(value)
+        else:
+            group["betas"] = moved
+    return params + [v for p in params for v in opt.state[p].values()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BETA_CASES, ids=lambda c: c.name)
+def test_tensor_betas_step_as_float_betas(case, backend):
+    """Betas as 1-element tensors, filled in place after each step, give the float betas' steps (their scalars,
+    beta and log beta, computed on the device as on the host), with a float and with a tensor lr, and after the first
+    step read no host value. Bitwise on the compiled paths; the reference's tensor products round apart from its
+    scalar ones (as for a tensor lr): within fp32 tolerance."""
+    floats = _run_betas(case, backend, False)
+    for lr in (1e-2, torch.tensor(1e-2)):
+        tensors = _run_betas(case, backend, True, lr=lr, patch=_NoHostReads if backend != "reference" else None)
+        for a, b in zip(tensors, floats, strict=True):
+            if backend == "reference":
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
+
+
+def test_tensor_betas_are_checked_and_refused_where_the_host_needs_them():
+    p = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"Invalid beta parameter at index 1: 1.0"):
+        case_named("lamb").make([p], betas=(torch.tensor(0.9), torch.tensor(1.0)))
+    with pytest.raises(ValueError, match="a tensor beta must be a 1-element floating-point tensor"):
+        case_named("lamb").make([p], betas=(torch.tensor([0.9, 0.8]), 0.999))
+    with pytest.raises(ValueError, match=r"betas\[1\] must be a number, not a tensor"):
+        case_named("ralars").make([p], betas=(0.9, torch.tensor(0.999)))
