@@ -28,7 +28,8 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no GPU here
+if __name__ == "__main__":  # run on CPU: the Triton path through the interpreter, set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 from torch.optim import Optimizer

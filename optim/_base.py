@@ -415,21 +415,23 @@ class FusedOptimizer(Optimizer):
     def _hyper_on(self, device: torch.device, lr: torch.Tensor | None, hyper: tuple[float | torch.Tensor, ...],
                   positions: list[int]) -> torch.Tensor:
         """Every runtime scalar as fp32[H] on ``device``, as the kernels read them when a hyperparameter besides
-        the lr is a tensor (betas): the float ones from a device copy kept per device (remade, by one asynchronous
-        copy, when they change: with tensor betas a float lr changed every step costs one such copy a step), the
-        tensor lr and the tensors' scalars written over them on the device. No host read; a few small ops a step."""
+        the lr is a tensor (betas): the float ones from a device copy kept per value (made by one asynchronous copy:
+        with tensor betas a float lr changed every step costs one such copy a step), the tensor lr and the tensors'
+        scalars written over them on the device. No host read; a few small ops a step."""
         floats = tuple(0.0 if isinstance(h, torch.Tensor) else h for h in hyper)
-        written = ([0] if lr is not None else []) + positions
+        written = tuple(([0] if lr is not None else []) + positions)
         constants = self.__dict__.setdefault("_hyper_constants", {})
-        cached = constants.get(device)
-        if cached is None or cached[0] != (floats, written):
+        cached = constants.get((device, floats, written))
+        if cached is None:
+            if len(constants) >= 16:  # a float lr scheduled beside tensor betas: keep the recent few
+                constants.clear()
             host = torch.tensor(floats, dtype=torch.float32)
             index = torch.tensor(written, dtype=torch.int64)
             if device.type == "cuda":  # asynchronous from pinned memory, as the tables go
                 host, index = host.pin_memory(), index.pin_memory()
-            cached = constants[device] = ((floats, written), host.to(device, non_blocking=True),
-                                          index.to(device, non_blocking=True))
-        _, base, index = cached
+            cached = constants[(device, floats, written)] = (host.to(device, non_blocking=True),
+                                                             index.to(device, non_blocking=True))
+        base, index = cached
         values = [hyper[i].to(device, non_blocking=True) for i in positions]
         if lr is not None:
             values.insert(0, self._lr_on(device, lr).reshape(()))

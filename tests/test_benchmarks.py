@@ -364,3 +364,16 @@ def test_gpu_kit_cpu_smoke_writes_one_folder_with_its_summary(tmp_path, monkeypa
     md = (out / "summary.md").read_text()
     assert md.startswith("# GPU proof kit: cpu (") and "quick mode" in md
     assert "| adabelief | fusedoptim-reference | resnet50_l1 | fp32 |" in md
+
+
+def test_host_syncs_counts_reads_and_finds_torchs():
+    """benchmarks/host_syncs.py counts every host read of a step: none for our C++ step with a tensor lr, some for
+    torch's foreach AdamW with GradScaler (its found_inf.item()), none for a capturable Scout."""
+    from benchmarks import host_syncs
+
+    makers = host_syncs.makers("cpu")
+    assert host_syncs.host_reads_per_step("lamb", makers["lamb"], "tensor lr") == 0
+    assert host_syncs.host_reads_per_step("scout(adabelief)", makers["scout(adabelief)"], "capturable") == 0
+    torch_reads = host_syncs.host_reads_per_step("torch AdamW foreach", makers["torch AdamW foreach"], "GradScaler")
+    assert torch_reads is not None and torch_reads >= 1
+    assert host_syncs.host_reads_per_step("lars", makers["lars"], "tensor betas") is None  # LARS has no betas
