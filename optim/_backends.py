@@ -41,7 +41,7 @@ class Run:
     #: params' device; None without a GradScaler (``FusedOptimizer._step_supports_amp_scaling``)
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
-    inv_grad_scale: float = 1.0  # the host executors' copy of 1 / grad_scale (host_amp)
+    inv_grad_scale: float | torch.Tensor = 1.0  # 1 / grad_scale: C++'s from host_amp, the reference's a 0-d tensor
     #: a tensor learning rate (the group's "lr" is a tensor) as fp32[1] on the params' device, read by the kernels;
     #: ``hyper[0]`` is then its 0-d view, for the torch code (the reference, the torch finalize). With tensor betas,
     #: every runtime scalar as fp32[H] (``FusedOptimizer._hyper_on``), ``hyper`` holding views of the tensor ones
@@ -59,9 +59,9 @@ class Run:
         return tuple(0.0 if isinstance(h, torch.Tensor) else h for h in self.hyper)
 
     def host_amp(self) -> tuple[bool, float]:
-        """(skip the step, the inverse scale to multiply the grads by), read on the host by the executors that run
-        there: a CPU tensor's value costs no device sync (the reference path on CUDA syncs here). The inverse is
-        rounded through fp64, as GradScaler's own unscale computes it."""
+        """(skip the step, the inverse scale to multiply the grads by), read on the host by the C++ executor: a CPU
+        tensor's value costs no device sync. The inverse is rounded through fp64, as GradScaler's own unscale
+        computes it."""
         if self.found_inf is None:
             return False, 1.0
         return bool(self.found_inf.item()), float(self.grad_scale.double().reciprocal().float())

@@ -66,7 +66,8 @@ class FusedOptimizer(Optimizer):
     - ``torch.amp.GradScaler`` hands ``step()`` its scale and found_inf instead of unscaling the grads itself
       (``_step_supports_amp_scaling``): the kernels unscale the grads as they read them, and a step with an inf or
       NaN grad is skipped (params, states and steps unchanged). On the Triton path the skip is decided on the device
-      with no host sync; the C++ and reference paths read found_inf on the host (a CPU tensor: no sync).
+      with no host sync; the C++ path reads found_inf on the host (a CPU tensor: no sync), the reference selects on the
+      device.
     """
 
     rule: ClassVar[Rule]

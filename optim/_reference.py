@@ -48,9 +48,22 @@ class ReferenceExecutor:
         pass
 
     def step(self, run: Run) -> None:
-        skip, run.inv_grad_scale = run.host_amp()
-        if skip:  # GradScaler found an inf or NaN: the step is not taken
+        if run.found_inf is None:
+            self._step(run)
             return
+        # GradScaler: its inverse scale as a device scalar (rounded through fp64 as its own unscale), and a step with
+        # an inf or NaN not taken, decided on the device as on the compiled paths (reading found_inf on the host
+        # would be a sync on CUDA): what the step overwrites is kept, then selected back.
+        bucket = run.bucket
+        run.inv_grad_scale = run.grad_scale.double().reciprocal().float().reshape(())
+        overwritten = [bucket.tensors[i] for i in run.active] + [*bucket.states.values(), bucket.steps]
+        kept = [t.clone() for t in overwritten]
+        self._step(run)  # the finalize keeps its sums, factors and per-tensor states itself (finalize_run)
+        skipped = run.found_inf.reshape(()) > 0
+        for t, old in zip(overwritten, kept, strict=True):
+            t.copy_(torch.where(skipped, old, t))
+
+    def _step(self, run: Run) -> None:
         run.bucket.advance_steps(run.active)
         factors = run.rule.finalize_run(run, self._prepare(run)) if run.rule.two_pass else None
         self._apply(run, factors)
