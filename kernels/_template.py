@@ -176,7 +176,7 @@ def multi_tensor_step_kernel(
             # A negative rate is no sync: a wrapper counting its steps on the device (GradScaler may skip a step, a
             # captured graph replays every step alike) launches this every step, negative between syncs. Only here:
             # predicating the sync fused into a step's last pass cost AdaBelief's bf16 kernel 9 registers (59 -> 68,
-            # sm_90, past the 64 of 50% occupancy), so such a wrapper syncs in this pass instead (+8 B/param a sync).
+            # sm_90, past the 64 of 50% occupancy), so such a wrapper syncs in this pass (+16 B/param a sync, not +8).
             if sync_rate < 0.0:
                 return
     # A mask blocks vectorisation, so full aligned blocks take an unmasked path with the alignment hints; the tail

@@ -308,7 +308,11 @@ class FusedOptimizer(Optimizer):
         recompile of a warm-up)."""
         from . import _compile
 
-        _compile.compiled_step(self, self.flat_buffers())
+        _compile.compiled_step(self)
+
+    def _written_tensors(self) -> list[torch.Tensor]:
+        """What a step writes besides the params (the op declares them mutated): the flat buffers."""
+        return self.flat_buffers()
 
     def flat_buffers(self) -> list[torch.Tensor]:
         """Every flat buffer a step may write, bucket by bucket: the states (Lookahead's slow weights included), the

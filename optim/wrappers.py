@@ -82,6 +82,10 @@ class _StepCount:
         self.rate = torch.zeros(1, dtype=torch.float32, device=device)  # the sync rate this step passes
         self.no_sync = torch.full((1,), -1.0, dtype=torch.float32, device=device)
 
+    def buffers(self) -> list[torch.Tensor]:
+        """What a step writes (a compiled step's op declares them mutated)."""
+        return [self.steps, self.skipped, self.place, self.due, self.rate]
+
     def start(self, found_inf: torch.Tensor | None, period: int) -> None:
         """Before the base step: whether it will be skipped, and its position (``place``)."""
         if found_inf is None:
@@ -239,7 +243,7 @@ class _SyncWrapper(Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            _compile.compiled_step(self, self._written_tensors())
+            _compile.compiled_step(self)
             return loss
         return self._eager_step(closure=closure)
 
@@ -251,8 +255,7 @@ class _SyncWrapper(Optimizer):
             tensors += [value for p in self._params() for value in self.base_optimizer.state.get(p, {}).values()
                         if isinstance(value, torch.Tensor)]
         if self._count is not None:
-            count = self._count
-            tensors += [count.steps, count.skipped, count.place, count.due, count.rate]
+            tensors += self._count.buffers()
         return tensors
 
     def _eager_step(self, amp: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,

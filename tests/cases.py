@@ -21,7 +21,7 @@ from oracles import (
     tadam_oracle,
 )
 
-from fusedoptim import LAMB, LARS, AdaBelief, AdamP, Adan, AdEMAMix, FusedOptimizer, RaLars, TAdam
+from fusedoptim import LAMB, LARS, AdaBelief, AdamP, Adan, AdEMAMix, FusedOptimizer, Lookahead, RaLars, Scout, TAdam
 
 #: The independent float64 oracle of each optimizer (tests/oracles.py), called with the optimizer's own kwargs.
 ORACLES: dict[type, Callable[..., torch.Tensor]] = {
@@ -215,6 +215,15 @@ def case_named(name: str) -> Case:
 #: The first case of each optimizer: where a test runs through the interpreter only to show that a mechanism
 #: works for every optimizer (the options are covered by the parity test).
 FIRST_CASES: list[Case] = list({case.cls: case for case in reversed(CASES)}.values())
+
+#: The wrappers as the GradScaler, capturable and compile tests put them around a base (k = 3, two syncs in 7 or 8
+#: steps): Lookahead syncing in the base's last pass and in a pass of its own, and Scout at rate 0 (its rate is then
+#: 1 - coherence, unclamped, so that every sum counts).
+SYNC_WRAPPERS: dict[str, Callable[[torch.optim.Optimizer], torch.optim.Optimizer]] = {
+    "lookahead": lambda base: Lookahead(base, sync_period=3),
+    "lookahead-separate": lambda base: Lookahead(base, sync_period=3, fused_sync=False),
+    "scout": lambda base: Scout(base, sync_rate=0.0, sync_period=3),
+}
 
 
 def case_backends(backends: list[str], triton_cases: list[Case] | None = None) -> list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import FIRST_CASES, case_named
+from cases import FIRST_CASES, SYNC_WRAPPERS, case_named
 from test_tensor_lr import _NoHostReads
 
 from fusedoptim import Lookahead, Scout
@@ -112,12 +112,6 @@ def test_the_triton_and_reference_steps_read_found_inf_on_the_device():
     assert results["triton"] == results["reference"] == 0 and results["torch"] >= 1, results
 
 
-#: The wrappers GradScaler steps through, each around a base that takes GradScaler's scale and found_inf; k = 3.
-WRAPPERS = {
-    "lookahead": lambda base: Lookahead(base, sync_period=3),  # the sync in the base's last pass
-    "lookahead-separate": lambda base: Lookahead(base, sync_period=3, fused_sync=False),
-    "scout": lambda base: Scout(base, sync_rate=0.0, sync_period=3),  # rate 0: the rate is 1 - coherence, unclamped
-}
 #: Bases by backend; "torch-fused" is torch's fused AdamW (it declares the support): the wrapper's slow weights then
 #: live in its own buffers, synced on the C++ path.
 WRAPPED_BASES = {
@@ -136,7 +130,7 @@ def _wrapper_state(opt, params):
 
 
 @pytest.mark.parametrize("base", list(WRAPPED_BASES))
-@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+@pytest.mark.parametrize("wrapper", list(SYNC_WRAPPERS))
 def test_a_wrapper_skips_a_step_with_an_inf_and_does_not_count_it(wrapper, base):
     """Through a wrapper, GradScaler's scaled grads give the steps plain grads give, and a step with an inf is not
     taken: not by the base, and not counted by the wrapper, so its syncs (and Scout's snapshots) come at the same
@@ -144,7 +138,7 @@ def test_a_wrapper_skips_a_step_with_an_inf_and_does_not_count_it(wrapper, base)
     gen = torch.Generator().manual_seed(2)
     start = [torch.randn(s, generator=gen) for s in SHAPES]
     scaled, plain = [p.clone() for p in start], [p.clone() for p in start]
-    opt, twin = WRAPPERS[wrapper](WRAPPED_BASES[base](scaled)), WRAPPERS[wrapper](WRAPPED_BASES[base](plain))
+    opt, twin = SYNC_WRAPPERS[wrapper](WRAPPED_BASES[base](scaled)), SYNC_WRAPPERS[wrapper](WRAPPED_BASES[base](plain))
     assert opt._step_supports_amp_scaling
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
     bad_steps = (2, 4, 8)  # 2 and 8 where the twin syncs next (steps 3 and 6 taken)
@@ -165,7 +159,7 @@ def test_a_wrapper_skips_a_step_with_an_inf_and_does_not_count_it(wrapper, base)
     assert opt.fast_steps == twin.fast_steps == 11 - len(bad_steps)
     for a, b in zip(_wrapper_state(opt, scaled), _wrapper_state(twin, plain), strict=True):
         assert torch.equal(a, b)
-    restored = WRAPPERS[wrapper](WRAPPED_BASES[base]([p.clone() for p in scaled]))
+    restored = SYNC_WRAPPERS[wrapper](WRAPPED_BASES[base]([p.clone() for p in scaled]))
     restored.load_state_dict(opt.state_dict())  # the count read back from the device
     assert restored.fast_steps == 8
     assert scaler.get_scale() == 2.0**10 / 2**3 * 2  # three backoffs, one growth (3 good steps after the last inf)
@@ -174,7 +168,7 @@ def test_a_wrapper_skips_a_step_with_an_inf_and_does_not_count_it(wrapper, base)
 def test_a_wrapper_step_through_gradscaler_reads_nothing_on_the_host():
     """On the Triton path a GradScaler step through Lookahead or Scout calls no .item(), .tolist(), __float__ or
     .cpu(): the wrapper's count, its syncs and Scout's ring position are decided on the device."""
-    for make in WRAPPERS.values():
+    for make in SYNC_WRAPPERS.values():
         params = [torch.randn(s) for s in SHAPES]
         opt, scaler = make(WRAPPED_BASES["triton"](params)), torch.amp.GradScaler("cpu")
         for step in range(4):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import FIRST_CASES, case_named
+from cases import FIRST_CASES, SYNC_WRAPPERS, case_named
 from devices import CPU_ONLY, DEVICE
 from test_tensor_lr import _NoHostReads
 
-from fusedoptim import Lookahead, Scout
+from fusedoptim import Scout
 
 SHAPES = [(7,), (33, 31), (1025,), (4, 3, 2, 2)]
 BACKENDS = ["triton"] if DEVICE.type == "cuda" else ["triton", "cpu", "reference"]
@@ -144,16 +144,10 @@ def test_capturable_arguments_are_checked():
         case.make([p], capturable=True, lr=torch.tensor(1e-3, dtype=torch.float64))
 
 
-#: Wrappers around a capturable base are capturable: their count and rate live on the device (k = 3).
-WRAPPERS = {
-    "lookahead": lambda base: Lookahead(base, sync_period=3),
-    "lookahead-separate": lambda base: Lookahead(base, sync_period=3, fused_sync=False),
-    "scout": lambda base: Scout(base, sync_rate=0.0, sync_period=3),
-}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+@pytest.mark.parametrize("wrapper", list(SYNC_WRAPPERS))
 def test_a_capturable_wrapper_step_equals_a_normal_one_and_reads_nothing_on_the_host(wrapper, backend):
     """Lookahead and Scout around a capturable base: after the warm-up, 7 steps (two syncs) read no host value and
     give the params, states, slow weights and snapshots of the same wrapper around a normal base with a tensor lr,
@@ -161,8 +155,8 @@ def test_a_capturable_wrapper_step_equals_a_normal_one_and_reads_nothing_on_the_
     case = case_named("lamb") if backend != "cpu" else case_named("adabelief")
     gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     a_params, b_params = _params(gen_a), _params(gen_b)
-    capturable = WRAPPERS[wrapper](case.make(a_params, backend=backend, capturable=True, lr=1e-2))
-    normal = WRAPPERS[wrapper](case.make(b_params, backend=backend, lr=torch.tensor(1e-2, device=DEVICE)))
+    capturable = SYNC_WRAPPERS[wrapper](case.make(a_params, backend=backend, capturable=True, lr=1e-2))
+    normal = SYNC_WRAPPERS[wrapper](case.make(b_params, backend=backend, lr=torch.tensor(1e-2, device=DEVICE)))
     assert capturable.capturable and not normal.capturable
     _steps(capturable, a_params, gen_a, 1)
     _steps(normal, b_params, gen_b, 1)
@@ -189,15 +183,10 @@ def test_a_scheduler_drives_a_capturable_lr_in_place():
     assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.05)
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda", reason=f"CUDA graphs need CUDA; {CPU_ONLY.split(';')[1].strip()}")
-@pytest.mark.parametrize("case", FIRST_CASES, ids=lambda c: c.name)
-def test_a_captured_step_replays_as_eager_steps(case):
-    """One step captured in a CUDA graph after a warm-up on a side stream, replayed with new grads copied into the
-    static grads and the lr scaled in place: the same params and states as eager steps."""
-    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    a_params, b_params = _params(gen_a), _params(gen_b)
-    graphed = case.make(a_params, backend="triton", capturable=True)
-    eager = case.make(b_params, backend="triton", capturable=True)
+def _replay_against_eager(graphed, eager, a_params, b_params, gen_a, gen_b, replays):
+    """One step of ``graphed`` captured in a CUDA graph after a warm-up on a side stream, then replayed ``replays``
+    times beside eager steps of ``eager``: the same new grads copied into both's static grads, and both's lr scaled
+    in place after each step."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -207,48 +196,44 @@ def test_a_captured_step_replays_as_eager_steps(case):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         graphed.step()
-    for _ in range(4):
-        grads = [torch.randn(p.shape, generator=gen_a).to(DEVICE) for p in a_params]
-        for p, g in zip(a_params, grads, strict=True):
-            p.grad.copy_(g)
-        graph.replay()
-        graphed.param_groups[0]["lr"].mul_(0.8)
-        for q, g in zip(b_params, grads, strict=True):
-            q.grad.copy_(g)
-        eager.step()
-        eager.param_groups[0]["lr"].mul_(0.8)
-    torch.cuda.synchronize()
-    for p, q in zip(a_params, b_params, strict=True):
-        assert torch.equal(p, q)
-
-
-@pytest.mark.skipif(DEVICE.type != "cuda", reason=f"CUDA graphs need CUDA; {CPU_ONLY.split(';')[1].strip()}")
-@pytest.mark.parametrize("wrapper", list(WRAPPERS))
-def test_a_captured_wrapper_step_replays_as_eager_steps(wrapper):
-    """Lookahead and Scout around a capturable LAMB: one step captured, replayed 7 times (two syncs, at the steps the
-    count on the device names) against eager steps of the same wrapper."""
-    case = case_named("lamb")
-    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    a_params, b_params = _params(gen_a), _params(gen_b)
-    graphed = WRAPPERS[wrapper](case.make(a_params, backend="triton", capturable=True))
-    eager = WRAPPERS[wrapper](case.make(b_params, backend="triton", capturable=True))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        _steps(graphed, a_params, gen_a, 1)
-    torch.cuda.current_stream().wait_stream(stream)
-    _steps(eager, b_params, gen_b, 1)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.step()
-    for _ in range(7):
+    for _ in range(replays):
         grads = [torch.randn(p.shape, generator=gen_a).to(DEVICE) for p in a_params]
         for p, q, g in zip(a_params, b_params, grads, strict=True):
             p.grad.copy_(g)
             q.grad.copy_(g)
         graph.replay()
         eager.step()
+        for opt in (graphed, eager):
+            opt.param_groups[0]["lr"].mul_(0.8)
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason=f"CUDA graphs need CUDA; {CPU_ONLY.split(';')[1].strip()}")
+@pytest.mark.parametrize("case", FIRST_CASES, ids=lambda c: c.name)
+def test_a_captured_step_replays_as_eager_steps(case):
+    """One step captured in a CUDA graph, replayed 4 times: the same params and states as eager steps."""
+    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a_params, b_params = _params(gen_a), _params(gen_b)
+    graphed = case.make(a_params, backend="triton", capturable=True)
+    eager = case.make(b_params, backend="triton", capturable=True)
+    _replay_against_eager(graphed, eager, a_params, b_params, gen_a, gen_b, replays=4)
+    for p, q in zip(a_params, b_params, strict=True):
+        assert torch.equal(p, q)
+        for name, value in eager.state[q].items():
+            assert torch.equal(graphed.state[p][name], value), name
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason=f"CUDA graphs need CUDA; {CPU_ONLY.split(';')[1].strip()}")
+@pytest.mark.parametrize("wrapper", list(SYNC_WRAPPERS))
+def test_a_captured_wrapper_step_replays_as_eager_steps(wrapper):
+    """Lookahead and Scout around a capturable LAMB: one step captured, replayed 7 times (two syncs, at the steps the
+    count on the device names) against eager steps of the same wrapper."""
+    case = case_named("lamb")
+    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a_params, b_params = _params(gen_a), _params(gen_b)
+    graphed = SYNC_WRAPPERS[wrapper](case.make(a_params, backend="triton", capturable=True))
+    eager = SYNC_WRAPPERS[wrapper](case.make(b_params, backend="triton", capturable=True))
+    _replay_against_eager(graphed, eager, a_params, b_params, gen_a, gen_b, replays=7)
     assert graphed.fast_steps == eager.fast_steps == 8
     for p, q in zip(a_params, b_params, strict=True):
         assert torch.equal(p, q)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from cases import FIRST_CASES, case_named
+from cases import FIRST_CASES, SYNC_WRAPPERS, case_named
 from torch._dynamo.utils import counters
 
 from fusedoptim import Lookahead, Scout
@@ -33,24 +33,51 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _compiled_vs_eager(case, backend, steps=5):
+def _scale_lr(optimizer, value):
+    optimizer.param_groups[0]["lr"].mul_(value)  # in place: the tensor the graph reads
+
+
+def _compiled_vs_eager(make, steps=5, change=_scale_lr, in_graph=False):
+    """``steps`` steps of ``make(params)`` compiled (``torch.compile(opt.step, fullgraph=True)``) against the eager
+    steps of a twin on the same grads, with ``change(optimizer, value)`` applied to both after each step (a 0-d
+    ``value`` new each step), or with ``in_graph`` inside the compiled function, before the step. No warning may be
+    raised ("Dynamo does not know how to trace the builtin ..." and the like). The params and every tensor state must
+    be equal bitwise (Scout's snapshots too); returns the compiled optimizer and the graphs after each step."""
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=gen) for s in SHAPES]
     compiled_params, eager_params = [p.clone() for p in start], [p.clone() for p in start]
-    opt = case.make(compiled_params, backend=backend, lr=torch.tensor(1e-2))
-    eager = case.make(eager_params, backend=backend, lr=torch.tensor(1e-2))
-    step = torch.compile(opt.step, fullgraph=True)
+    opt, eager = make(compiled_params), make(eager_params)
+
+    def changed_step(optimizer, value):
+        change(optimizer, value)
+        optimizer.step()
+
+    step = torch.compile(changed_step if in_graph else opt.step, fullgraph=True)
     graphs = []
-    for _ in range(steps):
-        for p, q in zip(compiled_params, eager_params, strict=True):
-            g = torch.randn(p.shape, generator=gen)
-            p.grad, q.grad = g.clone(), g.clone()
-        step()
-        eager.step()
-        for o in (opt, eager):
-            o.param_groups[0]["lr"].mul_(0.7)  # in place: the tensor the graph reads
-        graphs.append(_graphs())
-    return compiled_params, eager_params, opt, eager, graphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(steps):
+            for p, q in zip(compiled_params, eager_params, strict=True):
+                g = torch.randn(p.shape, generator=gen)
+                p.grad, q.grad = g.clone(), g.clone()
+            value = torch.tensor(0.8 ** (i + 1))
+            if in_graph:
+                step(opt, value)
+                changed_step(eager, value)
+            else:
+                step()
+                eager.step()
+                for o in (opt, eager):
+                    change(o, value)
+            graphs.append(_graphs())
+    for p, q in zip(compiled_params, eager_params, strict=True):
+        assert torch.equal(p, q)
+        for name, value in eager.state[q].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(opt.state[p][name], value), name
+        if isinstance(opt, Scout):
+            assert torch.equal(opt.snapshots(p), eager.snapshots(q))
+    return opt, eager, graphs
 
 
 _RUNS = [(case, "cpu") for case in FIRST_CASES]
@@ -59,14 +86,7 @@ _RUNS += [(case_named(name), backend) for name in ("adabelief", "lamb", "adamp")
 
 @pytest.mark.parametrize(("case", "backend"), [pytest.param(c, b, id=f"{c.name}-{b}") for c, b in _RUNS])
 def test_compiled_step_is_one_graph_and_equals_the_eager_step(case, backend):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "Dynamo does not know how to trace the builtin ..." and the like
-        compiled, eager, opt, eager_opt, graphs = _compiled_vs_eager(case, backend)
-    for a, b in zip(compiled, eager, strict=True):
-        assert torch.equal(a, b)
-    for p, q in zip(compiled, eager, strict=True):
-        for name, value in eager_opt.state[q].items():
-            assert torch.equal(opt.state[p][name], value), name
+    _, _, graphs = _compiled_vs_eager(lambda params: case.make(params, backend=backend, lr=torch.tensor(1e-2)))
     assert graphs[WARM_UP - 1] == graphs[-1], f"graphs per step {graphs}: a tensor lr change recompiled"
 
 
@@ -140,13 +160,9 @@ def test_a_compiled_step_takes_gradscalers_scale_and_found_inf(wrapped):
                    for p, q in zip(scaled, plain, strict=True))
 
 
-#: Wrappers under torch.compile: the whole wrapper step (its count, Scout's ring, the base's step) is one op (k = 3).
-WRAPPERS = {
-    "lookahead": lambda base: Lookahead(base, sync_period=3),
-    "lookahead-separate": lambda base: Lookahead(base, sync_period=3, fused_sync=False),
-    "scout": lambda base: Scout(base, sync_rate=0.0, sync_period=3),
-    "lookahead-torch": lambda base: Lookahead(base, sync_period=3),  # around torch's AdamW (slow weights apart)
-}
+#: Wrappers under torch.compile: the whole wrapper step (its count, Scout's ring, the base's step) is one op; and
+#: Lookahead around torch's AdamW (its slow weights apart from the base).
+WRAPPERS = [*SYNC_WRAPPERS, "lookahead-torch"]
 
 
 @pytest.mark.parametrize(("wrapper", "backend"), [
@@ -156,64 +172,72 @@ def test_a_compiled_wrapper_step_equals_the_eager_step(wrapper, backend):
     """torch.compile(wrapper.step, fullgraph=True) with a tensor lr changed every step: 8 steps (two syncs) equal the
     eager steps bitwise (params, states, slow weights, Scout's snapshots, the count), with no warning and no graph
     after the warm-up. Traced as Python, the counter would be a constant of the graph."""
-    gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(s, generator=gen) for s in SHAPES]
-    compiled_params, eager_params = [p.clone() for p in start], [p.clone() for p in start]
 
     def make(params):
         if wrapper == "lookahead-torch":
-            base = torch.optim.AdamW(params, lr=torch.tensor(1e-2), foreach=False)
-        else:
-            base = case_named("adabelief").make(params, backend=backend, lr=torch.tensor(1e-2))
-        return WRAPPERS[wrapper](base)
+            return Lookahead(torch.optim.AdamW(params, lr=torch.tensor(1e-2), foreach=False), sync_period=3)
+        return SYNC_WRAPPERS[wrapper](case_named("adabelief").make(params, backend=backend, lr=torch.tensor(1e-2)))
 
-    opt, eager = make(compiled_params), make(eager_params)
-    step = torch.compile(opt.step, fullgraph=True)
-    graphs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for _ in range(8):
-            for p, q in zip(compiled_params, eager_params, strict=True):
-                g = torch.randn(p.shape, generator=gen)
-                p.grad, q.grad = g.clone(), g.clone()
-            step()
-            eager.step()
-            for o in (opt, eager):
-                o.param_groups[0]["lr"].mul_(0.7)
-            graphs.append(_graphs())
+    opt, eager, graphs = _compiled_vs_eager(make, steps=8)
     assert opt.fast_steps == eager.fast_steps == 8
-    for p, q in zip(compiled_params, eager_params, strict=True):
-        assert torch.equal(p, q)
-        for name, value in eager.state[q].items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(opt.state[p][name], value), name
-        if isinstance(opt, Scout):
-            assert torch.equal(opt.snapshots(p), eager.snapshots(q))
     assert graphs[WARM_UP - 1] == graphs[-1], f"graphs per step {graphs}: a tensor lr change recompiled"
+
+
+def _set_betas(optimizer, value):
+    optimizer.param_groups[0]["betas"][0].copy_(0.9 * value)
+    optimizer.param_groups[0]["betas"][1].copy_(1 - 0.01 * value)
 
 
 def test_a_compiled_step_with_tensor_betas_reads_them_each_step():
     """Tensor betas (and lr), filled in place every step, are op inputs: the compiled steps equal the eager ones and
     compile no graph after the warm-up."""
-    gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(s, generator=gen) for s in SHAPES]
-    compiled_params, eager_params = [p.clone() for p in start], [p.clone() for p in start]
-
-    def make(params):
-        return case_named("lamb").make(params, backend="cpu", lr=torch.tensor(1e-2),
-                                       betas=(torch.tensor(0.9), torch.tensor(0.99)))
-
-    opt, eager = make(compiled_params), make(eager_params)
-    step = torch.compile(opt.step, fullgraph=True)
-    graphs = []
-    for i in range(5):
-        for p, q in zip(compiled_params, eager_params, strict=True):
-            g = torch.randn(p.shape, generator=gen)
-            p.grad, q.grad = g.clone(), g.clone()
-        step()
-        eager.step()
-        for o in (opt, eager):
-            o.param_groups[0]["betas"][0].fill_(0.9 - 0.1 * i)
-        graphs.append(_graphs())
-    assert all(torch.equal(p, q) for p, q in zip(compiled_params, eager_params, strict=True))
+    _, _, graphs = _compiled_vs_eager(lambda params: case_named("lamb").make(
+        params, backend="cpu", lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.99))), change=_set_betas)
     assert graphs[WARM_UP - 1] == graphs[-1], graphs
+
+
+def _replace_grad(optimizer, value):
+    p = optimizer.param_groups[0]["params"][1]
+    p.grad = p.grad * (1e-7 * value)  # small: eps decides its bits
+
+
+#: What a compiled training step may write before ``optimizer.step()``, each a way the op could miss it: an lr copied
+#: from a graph input (Inductor leaves that copy to the graph's epilogue, after the op), betas computed in place, a
+#: grad scaled in place (clip_grad_norm_ does) and a grad replaced (Dynamo sets p.grad after the graph).
+WRITTEN_IN_GRAPH = {
+    "lr-copied": lambda optimizer, value: optimizer.param_groups[0]["lr"].copy_(value),
+    "betas-computed": _set_betas,
+    "grad-scaled": lambda optimizer, value: optimizer.param_groups[0]["params"][0].grad.mul_(value),
+    "grad-replaced": _replace_grad,
+}
+
+
+@pytest.mark.parametrize("written", list(WRITTEN_IN_GRAPH))
+@pytest.mark.parametrize(("wrapper", "backend"), [("none", "cpu"), ("none", "reference"), ("lookahead", "cpu")])
+def test_values_written_in_the_compiled_function_before_the_step_reach_it(wrapper, backend, written):
+    """The op steps with the values the graph hands it, not with what the optimizer holds when the op runs: read off
+    the optimizer, a compiled ``lr.copy_(x); opt.step()`` stepped with the last step's lr, and a replaced grad with
+    the last step's grad."""
+    def make(params):
+        base = case_named("adabelief").make(params, backend=backend, lr=torch.tensor(1e-2),
+                                            betas=(torch.tensor(0.9), torch.tensor(0.99)))
+        return base if wrapper == "none" else SYNC_WRAPPERS[wrapper](base)
+
+    _compiled_vs_eager(make, steps=4, change=WRITTEN_IN_GRAPH[written], in_graph=True)
+
+
+def test_the_op_refuses_copies_of_what_the_optimizer_holds():
+    """Handed copies of the params (or states) it writes, the step would write the optimizer's tensors and the graph
+    copy its stale inputs over them afterwards: the op raises instead, before writing anything."""
+    params = [torch.randn(s) for s in SHAPES]
+    opt = case_named("adabelief").make(params, backend="cpu")
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()  # lays the buckets out
+    before = [p.clone() for p in params]
+    states = opt._written_tensors()
+    for copied_params, copied_states in (([p.clone() for p in params], states), (params, [s.clone() for s in states])):
+        with pytest.raises(RuntimeError, match="does not hand AdaBelief's step the params and states it holds"):
+            torch.ops.fusedoptim.step(opt._handle, copied_params, [p.grad for p in params], copied_states, [],
+                                      None, None)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
