@@ -184,8 +184,9 @@ def test_a_compiled_wrapper_step_equals_the_eager_step(wrapper, backend):
 
 
 def _set_betas(optimizer, value):
-    optimizer.param_groups[0]["betas"][0].copy_(0.9 * value)
-    optimizer.param_groups[0]["betas"][1].copy_(1 - 0.01 * value)
+    betas = optimizer.param_groups[0]["betas"]
+    betas[0].copy_(value)  # copied from a graph input (see WRITTEN_IN_GRAPH)
+    betas[1].copy_(1 - 0.01 * value)  # computed
 
 
 def test_a_compiled_step_with_tensor_betas_reads_them_each_step():
@@ -202,11 +203,11 @@ def _replace_grad(optimizer, value):
 
 
 #: What a compiled training step may write before ``optimizer.step()``, each a way the op could miss it: an lr copied
-#: from a graph input (Inductor leaves that copy to the graph's epilogue, after the op), betas computed in place, a
+#: from a graph input (Inductor leaves that copy to the graph's epilogue, after the op), betas copied and computed, a
 #: grad scaled in place (clip_grad_norm_ does) and a grad replaced (Dynamo sets p.grad after the graph).
 WRITTEN_IN_GRAPH = {
     "lr-copied": lambda optimizer, value: optimizer.param_groups[0]["lr"].copy_(value),
-    "betas-computed": _set_betas,
+    "betas": _set_betas,
     "grad-scaled": lambda optimizer, value: optimizer.param_groups[0]["params"][0].grad.mul_(value),
     "grad-replaced": _replace_grad,
 }
