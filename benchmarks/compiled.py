@@ -44,6 +44,10 @@ from typing import Any
 
 ARCHS = (80, 90, 100)
 DTYPES = ("fp32", "bf16", "fp16")
+#: Scout's kernel (kernels/scout.py) as it is launched: a step's params into the ring ("snapshot"), the sync's
+#: coherence sums ("coherence"), and with the step's position read on the device ("position": either, decided there).
+#: Its period is a run-time loop: the bytes depend on k, so the figures read are registers, spills and access widths.
+SCOUT_MODES = ("snapshot", "coherence", "position")
 
 #: Modelled H100 (SXM, HBM3): 3.0 TB/s achievable copy bandwidth (docs/design.md#bytes-model), 1 B parameters.
 MODEL_BANDWIDTH = 3.0e12
@@ -89,7 +93,7 @@ BY_NAME = {o.name: o for o in OPTIMIZERS}
 @dataclass(frozen=True)
 class Variant:
     """One compiled specialisation. ``pass_`` is "step" (one-pass rules), "prepare" / "apply" (pass A / B),
-    "segment_sum", or "sync" (Lookahead's standalone sync)."""
+    "segment_sum", "sync" (Lookahead's standalone sync) or "scout" (Scout's ring and sums, ``options`` its mode)."""
 
     optimizer: str
     options: str           # "default", or the non-default options, e.g. "amsgrad=True,maximize=True"
@@ -273,6 +277,9 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
         model = 2 * element_size[dtype] + 8
         out.append(Variant("lookahead", "sync", "sync", _rule_name(SYNC_PASS.rule), (), 0, 0, 0, 0,
                            SYNC_PASS.store_param, SYNC_PASS.store_state, dtype, True, False, arch, model))
+    for mode, dtype, arch in itertools.product(SCOUT_MODES, DTYPES, archs):
+        out.append(Variant("scout", mode, "scout", ("fusedoptim.kernels.scout", "scout_snapshot_kernel"), (), 0, 0,
+                           0, 0, False, False, dtype, False, False, arch))
     return out
 
 
@@ -305,7 +312,14 @@ def compile_variant(v: Variant) -> tuple[Any, int]:
 
     if not isinstance(multi_tensor_step_kernel, triton.runtime.JITFunction):
         raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted functions and cannot be compiled")
-    if v.pass_ == "segment_sum":
+    if v.pass_ == "scout":
+        from fusedoptim.kernels.scout import scout_snapshot_kernel
+
+        kernel = scout_snapshot_kernel
+        coherence, on_device = v.options == "coherence", v.options == "position"
+        signature = kernels.scout_snapshot_signature(coherence, on_device)
+        options = kernels.scout_snapshot_options(_torch_dtype(v.dtype), coherence, on_device)
+    elif v.pass_ == "segment_sum":
         import fusedoptim
 
         rule = getattr(fusedoptim, BY_NAME[v.optimizer].cls).rule
@@ -428,7 +442,7 @@ def analyze(v: Variant, compiled: Any, result: Result, ptxas_log: str, sass: boo
             (loads if kind == "ld" else stores)[bits] += 1
     result.ptx_loads, result.ptx_stores = dict(loads), dict(stores)
     result.occupancy = occupancy(result.regs, compiled.metadata.num_warps, result.shared_bytes, v.arch)
-    if v.pass_ == "segment_sum":
+    if v.pass_ in ("segment_sum", "scout"):
         return
     one_thread = set(_SETP_ZERO.findall("\n".join(line.split("//")[0].strip() for line in ptx.splitlines())))
     block = result.block
@@ -552,7 +566,8 @@ def summary(results: list[Result]) -> dict[str, Any]:
         "compiled": len(ok),
         "archs": sorted({r.variant.arch for r in results}),
         "max_spill_bytes": max((r.spill_store_bytes + r.spill_load_bytes for r in ok), default=0),
-        "full_path_all_128": all(set(r.full_path_widths) == {128} for r in ok if r.variant.pass_ != "segment_sum"),
+        "full_path_all_128": all(set(r.full_path_widths) == {128} for r in ok
+                                 if r.variant.pass_ not in ("segment_sum", "scout")),
     }
 
 

@@ -274,10 +274,28 @@ def launch_scout_snapshot(tables: Tables, slow: torch.Tensor, ring: torch.Tensor
         scout_snapshot_kernel[(tables.sizes.chunks,)](
             param_ptrs, state_offsets, chunk_tensor, chunk_start, chunk_end, segment_begin, segment_end, slow, ring,
             partials, table, counters, ring.shape[1], -1 if on_device else slot, slot if on_device else counters,
-            ring.shape[0] + 1, *period_inverses, PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=block_size(param_dtype),
-            SUM_ROWS=SUM_ROWS, COHERENCE=coherence is not None and not on_device, POSITION_ON_DEVICE=on_device,
-            num_warps=NUM_WARPS)
+            ring.shape[0] + 1, *period_inverses,
+            **scout_snapshot_options(param_dtype, coherence is not None and not on_device, on_device))
     LAUNCH_COUNTS["scout_snapshot_kernel"] += 1
+
+
+def scout_snapshot_options(param_dtype: torch.dtype, coherence: bool, position_on_device: bool) -> dict:
+    """The compile-time arguments of one ``scout_snapshot_kernel`` launch (see ``step_options``)."""
+    return dict(PARAM_DTYPE=_TL_DTYPES[param_dtype], BLOCK=block_size(param_dtype), SUM_ROWS=SUM_ROWS,
+                COHERENCE=coherence, POSITION_ON_DEVICE=position_on_device, num_warps=NUM_WARPS)
+
+
+def scout_snapshot_signature(coherence: bool, position_on_device: bool) -> dict[str, str]:
+    """Triton's types of ``scout_snapshot_kernel``'s runtime arguments as ``launch_scout_snapshot`` passes them:
+    without the sums, the ring stands in for their buffers and the counters for the position. The ring's row length
+    and the slot are int32 below 2**31 elements (Triton's JIT types an int by its value)."""
+    signature = {name: "*i64" for name in ("param_ptrs", "state_offsets", "chunk_tensor", "chunk_start", "chunk_end",
+                                           "segment_begin", "segment_end")}
+    sums = "*fp64" if coherence or position_on_device else "*fp32"
+    signature.update(slow="*fp32", ring="*fp32", partials=sums, table=sums, counters="*i32", ring_stride="i32",
+                     slot="i32", position_ptr="*i64" if position_on_device else "*i32", period="i32",
+                     inv_period="fp32", inv_period_minus_one="fp32")
+    return signature
 
 
 class TableSizes(NamedTuple):

@@ -2,7 +2,7 @@
 sm_80 / sm_90 / sm_100 by ``python -m benchmarks.compiled`` in its own process (this test process runs the
 Triton interpreter, whose kernels cannot be compiled), and the PTX / SASS figures it reads back.
 
-The tests share one compile of all variants (538; 1.5-2 minutes on 2 cores with a cold Triton cache): the first
+The tests share one compile of all variants (552; 1.5-2 minutes on 2 cores with a cold Triton cache): the first
 xdist worker to need it compiles under a file lock, the others read its JSON (with ``xdist_group`` and
 ``--dist loadgroup`` the tests still landed on both workers here, pytest 9.2 and pytest-xdist 3.8, and each
 compiled everything).
@@ -44,7 +44,9 @@ def report(tmp_path_factory) -> dict:
 
 
 def _streaming(report: dict) -> list[dict]:
-    return [r for r in report["results"] if r["variant"]["pass_"] != "segment_sum" and r["error"] is None]
+    """The step kernels and Lookahead's sync, whose full-block and tail paths are read apart."""
+    return [r for r in report["results"] if r["variant"]["pass_"] not in ("segment_sum", "scout")
+            and r["error"] is None]
 
 
 def _name(r: dict) -> str:
@@ -149,6 +151,21 @@ def test_segment_sums_are_small(report):
     assert finalized == {spec.name for spec in compiled.OPTIMIZERS if getattr(fusedoptim, spec.cls).rule.two_pass}
     for r in sums:
         assert r["regs"] <= 64 and r["error"] is None, _name(r)
+
+
+def test_scouts_kernel_moves_full_blocks_128_bit(report):
+    """Scout's ring and coherence kernel in its three launches (a snapshot, the sums, the position read on the
+    device), every dtype and target: its full aligned blocks load and store 128 bits at a time (masked everywhere
+    before: 32-bit fp32 and 16-bit bf16 accesses only), within 64 registers (50% occupancy) and without a spill."""
+    scout = [r for r in report["results"] if r["variant"]["pass_"] == "scout"]
+    assert {(r["variant"]["options"], r["variant"]["dtype"], r["variant"]["arch"]) for r in scout} == {
+        (mode, dtype, arch) for mode in compiled.SCOUT_MODES for dtype in compiled.DTYPES for arch in compiled.ARCHS}
+    for r in scout:
+        assert r["error"] is None and r["ptx_loads"].get("128", 0) >= 1 and r["ptx_stores"].get("128", 0) >= 1, (
+            _name(r), r["ptx_loads"], r["ptx_stores"])
+        if r["variant"]["options"] != "snapshot":  # the slow weights and the ring rows as well as the params
+            assert r["ptx_loads"]["128"] >= 3, (_name(r), r["ptx_loads"])
+        assert r["regs"] <= 64, (_name(r), r["regs"])
 
 
 def test_report_counts_launches_under_the_interpreter():
