@@ -23,6 +23,14 @@ def _load(ptr, mask, FULL: tl.constexpr):
 
 
 @triton.jit
+def _store(ptr, value, mask, FULL: tl.constexpr):
+    if FULL:
+        tl.store(ptr, value)
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _row(ring, s, offset, ring_stride, BLOCK: tl.constexpr, FULL: tl.constexpr):
     """Row s of the ring at ``offset``, with the alignment hints of a full block (the rows are 16-aligned)."""
     at = s * ring_stride + offset
@@ -68,10 +76,7 @@ def _chunk(param_ptr, offset, mask, slow, ring, partials, chunk, slot, coherent,
     """One chunk: its params into row ``slot`` (if one of the ring's), and with ``coherent`` its partial sums."""
     param = _load(param_ptr, mask, FULL).to(tl.float32)
     if (slot >= 0) & (slot < period - 1):
-        if FULL:
-            tl.store(_row(ring, slot, offset, ring_stride, BLOCK, FULL), param)
-        else:
-            tl.store(_row(ring, slot, offset, ring_stride, BLOCK, FULL), param, mask=mask)
+        _store(_row(ring, slot, offset, ring_stride, BLOCK, FULL), param, mask, FULL)
     if coherent:
         ratio, varies = coherence(slow, ring, offset, mask, param, ring_stride, period, inv_period,
                                   inv_period_minus_one, BLOCK, FULL)

@@ -72,9 +72,9 @@ def _compiled_vs_eager(make, steps=5, change=_scale_lr, in_graph=False):
             graphs.append(_graphs())
     for p, q in zip(compiled_params, eager_params, strict=True):
         assert torch.equal(p, q)
-        for name, value in eager.state[q].items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(opt.state[p][name], value), name
+        for name, state in eager.state[q].items():
+            if isinstance(state, torch.Tensor):
+                assert torch.equal(opt.state[p][name], state), name
         if isinstance(opt, Scout):
             assert torch.equal(opt.snapshots(p), eager.snapshots(q))
     return opt, eager, graphs
