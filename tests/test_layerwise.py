@@ -134,7 +134,7 @@ def test_fused_runs_are_bitwise_identical(case):
 @pytest.mark.parametrize("case", [c for c in FIRST_CASES if c.cls.rule.two_pass], ids=lambda c: c.name)
 def test_at_most_three_launches_whatever_the_tensor_count(case):
     counts = {}
-    for n in (10, 1000):
+    for n in (10, 300):  # 1000 took 25-57 s a rule in the interpreter (a program per tensor), 300 about 8
         params = [torch.ones(3) for _ in range(n)]
         opt = case.make(params, backend="triton")
         for p in params:
@@ -142,7 +142,7 @@ def test_at_most_three_launches_whatever_the_tensor_count(case):
         before = sum(LAUNCH_COUNTS.values())
         opt.step()
         counts[n] = sum(LAUNCH_COUNTS.values()) - before
-    assert counts == {10: 3, 1000: 3}  # pass A, segment sum, pass B
+    assert counts == {10: 3, 300: 3}  # pass A, segment sum, pass B
 
 
 def _orthogonal_rows(theta: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
