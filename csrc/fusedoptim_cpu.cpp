@@ -110,6 +110,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "position (int64[1], in place of slot and coherence): the step's place in its period",
         py::arg("params"), py::arg("offsets"), py::arg("slow"), py::arg("ring"), py::arg("slot"),
         py::arg("coherence"), py::arg("inv_period"), py::arg("inv_period_minus_one"),
-        py::arg("position") = py::none(),
+        py::arg("position") = py::none(), py::arg("streaming") = false,
         py::call_guard<py::gil_scoped_release>());
 }

@@ -23,10 +23,10 @@ void adamp(const BucketArgs& a);
 // Scout (scout.cpp): writes the params into row `slot` of the ring (-1: none); with coherence, returns fp64
 // [tensors, 2]: each tensor's sum of coherence ratios and count of entries that varied, the params being the
 // period's last snapshot. With position (int64[1]) the step's place in its period decides both, and the sums are
-// returned at every place.
+// returned at every place. streaming: the row is written with streaming stores (a ring larger than the cache).
 std::optional<at::Tensor> scout_snapshot(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets,
                                          const at::Tensor& slow, const at::Tensor& ring, int64_t slot, bool coherence,
                                          double inv_period, double inv_period_minus_one,
-                                         const std::optional<at::Tensor>& position);
+                                         const std::optional<at::Tensor>& position, bool streaming);
 
 }  // namespace fusedoptim

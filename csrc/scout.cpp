@@ -6,8 +6,13 @@
 // thread count (bitwise).
 #include <ATen/ops/zeros.h>
 
+#include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "multi_tensor.h"
 #include "scout.h"
@@ -22,6 +27,30 @@ FUSEDOPTIM_LOOP_ATTRIBUTES void store_snapshot(const param_t* param, float* row,
   for (int64_t i = 0; i < n; ++i) row[i] = to_float(param[i]);
 }
 
+// The same with streaming (non-temporal) stores, for a ring that outgrows the cache: a row is read back k - 1 steps
+// later at the earliest, evicted by then, so a plain store's read of each line before writing it is 4 B per element
+// for nothing. Measured in a standalone copy (25.6 M fp32 elements, 2 threads, 11 rounds in turns): 8.1 ms against
+// 10.4 ms with plain stores. x86-64 only (SSE2, which every x86-64 CPU has); plain stores elsewhere.
+template <typename param_t>
+void stream_snapshot(const param_t* param, float* row, int64_t n) {
+#if defined(__x86_64__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(row + i) & 15u) != 0; ++i) row[i] = to_float(param[i]);
+  for (; i + 4 <= n; i += 4) {
+    if constexpr (std::is_same_v<param_t, float>) {
+      _mm_stream_ps(row + i, _mm_loadu_ps(param + i));
+    } else {
+      _mm_stream_ps(row + i, _mm_setr_ps(to_float(param[i]), to_float(param[i + 1]), to_float(param[i + 2]),
+                                         to_float(param[i + 3])));
+    }
+  }
+  for (; i < n; ++i) row[i] = to_float(param[i]);
+  _mm_sfence();  // streaming stores are weakly ordered: drained before anyone reads the row
+#else
+  store_snapshot(param, row, n);
+#endif
+}
+
 struct ScoutChunk {
   size_t k;        // tensor
   int64_t lo, hi;  // its elements [lo, hi)
@@ -30,7 +59,7 @@ struct ScoutChunk {
 template <typename param_t>
 void snapshot_bucket(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets, const float* slow,
                      float* ring, int64_t stride, int64_t period, int64_t slot, bool coherence, float inv_period,
-                     float inv_period_minus_one, double* table) {
+                     float inv_period_minus_one, double* table, bool streaming) {
   std::vector<ScoutChunk> chunks;
   for (size_t k = 0; k < params.size(); ++k) {
     for (int64_t lo = 0; lo < params[k].numel(); lo += kSumChunk) {
@@ -43,8 +72,12 @@ void snapshot_bucket(const std::vector<at::Tensor>& params, const std::vector<in
       const ScoutChunk& chunk = chunks[c];
       const int64_t at = offsets[chunk.k] + chunk.lo, n = chunk.hi - chunk.lo;
       if (slot >= 0) {
-        store_snapshot(static_cast<const param_t*>(params[chunk.k].const_data_ptr()) + chunk.lo,
-                       ring + slot * stride + at, n);
+        const auto* param = static_cast<const param_t*>(params[chunk.k].const_data_ptr()) + chunk.lo;
+        if (streaming) {
+          stream_snapshot(param, ring + slot * stride + at, n);
+        } else {
+          store_snapshot(param, ring + slot * stride + at, n);
+        }
       }
       if (!coherence) continue;
       const auto* param = static_cast<const param_t*>(params[chunk.k].const_data_ptr()) + chunk.lo;
@@ -73,7 +106,7 @@ void snapshot_bucket(const std::vector<at::Tensor>& params, const std::vector<in
 std::optional<at::Tensor> scout_snapshot(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets,
                                          const at::Tensor& slow, const at::Tensor& ring, int64_t slot, bool coherence,
                                          double inv_period, double inv_period_minus_one,
-                                         const std::optional<at::Tensor>& position) {
+                                         const std::optional<at::Tensor>& position, bool streaming) {
   // Everything is checked before the ring is written.
   TORCH_CHECK(offsets.size() == params.size(), "fusedoptim cpu: scout_snapshot needs one offset per param");
   TORCH_CHECK(ring.device().is_cpu() && ring.scalar_type() == at::kFloat && ring.is_contiguous() && ring.dim() == 2 &&
@@ -109,7 +142,7 @@ std::optional<at::Tensor> scout_snapshot(const std::vector<at::Tensor>& params, 
     const auto run = [&](auto p) {
       snapshot_bucket<decltype(p)>(params, offsets, slow.const_data_ptr<float>(), ring.data_ptr<float>(), stride,
                                    period, slot, coherence, static_cast<float>(inv_period),
-                                   static_cast<float>(inv_period_minus_one), table.data_ptr<double>());
+                                   static_cast<float>(inv_period_minus_one), table.data_ptr<double>(), streaming);
     };
     switch (params[0].scalar_type()) {
       case at::kFloat: run(float{}); break;

@@ -180,6 +180,11 @@ def warn_fallback_once(reason: str) -> None:
 #: LAMB, whose pass B reads 12 B/element (24 MB at 2 M).
 CACHE_GROUP_ELEMENTS = 1 << 20
 
+#: Ring rows of at least this many elements (8 MB) are written with streaming stores (csrc/scout.cpp): k - 1 = 5 of
+#: them outgrow a 32 MB L3, so a row is evicted before the sync reads it and a plain store's read of each line first
+#: is traffic for nothing. Smaller rings may still be in cache at the sync: plain stores.
+STREAMING_RING_ROW = 1 << 21
+
 #: The ``phase`` of a two-pass step split in two (csrc/multi_tensor.h, Phase): pass A only, filling the sums; pass B
 #: only, reading the factors.
 PHASE_PASS_A, PHASE_PASS_B = 1, 2
@@ -313,7 +318,8 @@ class CpuExecutor:
         position = slot if isinstance(slot, torch.Tensor) else None
         return extension().scout_snapshot(staged, bucket.offsets, bucket.states["slow_param"], ring,
                                           -1 if position is not None else slot, coherence,
-                                          *reciprocals(ring.shape[0] + 1), position=position)
+                                          *reciprocals(ring.shape[0] + 1), position=position,
+                                          streaming=ring.shape[1] >= STREAMING_RING_ROW)
 
 
 EXECUTOR = CpuExecutor()

@@ -480,3 +480,32 @@ def test_scout_loads_the_older_k_row_snapshots():
         _step(twin, twin_params, step)
     for p, q in zip(params, twin_params, strict=True):
         assert torch.equal(p, q) and torch.equal(opt.snapshots(p), twin.snapshots(q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scouts_streaming_snapshot_stores_write_the_same_ring(dtype, monkeypatch):
+    """Rings of 2 M elements and more take their rows with streaming stores on the C++ path (past the cache); forced
+    on these ragged params (unaligned heads and tails, an empty tensor, channels_last), every row and the sums are
+    bitwise those of plain stores, by slot and by a position read from a tensor."""
+    _backend_ok("cpu")
+    from fusedoptim import _cpu
+
+    results = {}
+    for row in (1 << 62, 0):  # plain stores, then streaming ones
+        monkeypatch.setattr(_cpu, "STREAMING_RING_ROW", row)
+        params = _scout_params(dtype)
+        opt = Scout(torch.optim.SGD(params, lr=0.1), sync_period=4, backend="cpu")
+        (bucket,) = opt._holder.bucket_layout()
+        ring = opt._ring(bucket)
+        for slot in range(3):
+            with torch.no_grad():
+                for p, g in zip(params, _grads(slot, params), strict=True):
+                    p.add_(g)
+            if slot == 2:
+                assert bucket.executor.snapshot(bucket, ring, torch.tensor([slot]), True) is not None
+            else:
+                assert bucket.executor.snapshot(bucket, ring, slot, False) is None
+        results[row] = (ring.clone(), bucket.executor.snapshot(bucket, ring, -1, True))
+    (plain, plain_sums), (streamed, streamed_sums) = results[1 << 62], results[0]
+    assert torch.equal(plain, streamed) and torch.equal(plain_sums, streamed_sums)
+    assert (plain[:, 10:] != 0).any(dim=1).all()  # every row written
