@@ -34,7 +34,7 @@ FUSEDOPTIM_LOOP_ATTRIBUTES void store_snapshot(const param_t* param, float* row,
 template <typename param_t>
 void stream_snapshot(const param_t* param, float* row, int64_t n) {
 #if defined(__x86_64__)
-  int64_t i = 0;
+  int64_t i = 0;  // segments start at multiples of 16 elements, so the head is empty unless the layout changes
   for (; i < n && (reinterpret_cast<uintptr_t>(row + i) & 15u) != 0; ++i) row[i] = to_float(param[i]);
   for (; i + 4 <= n; i += 4) {
     if constexpr (std::is_same_v<param_t, float>) {
@@ -71,8 +71,8 @@ void snapshot_bucket(const std::vector<at::Tensor>& params, const std::vector<in
     for (int64_t c = c0; c < c1; ++c) {
       const ScoutChunk& chunk = chunks[c];
       const int64_t at = offsets[chunk.k] + chunk.lo, n = chunk.hi - chunk.lo;
+      const auto* param = static_cast<const param_t*>(params[chunk.k].const_data_ptr()) + chunk.lo;
       if (slot >= 0) {
-        const auto* param = static_cast<const param_t*>(params[chunk.k].const_data_ptr()) + chunk.lo;
         if (streaming) {
           stream_snapshot(param, ring + slot * stride + at, n);
         } else {
@@ -80,7 +80,6 @@ void snapshot_bucket(const std::vector<at::Tensor>& params, const std::vector<in
         }
       }
       if (!coherence) continue;
-      const auto* param = static_cast<const param_t*>(params[chunk.k].const_data_ptr()) + chunk.lo;
       double ratio_lanes[kLanes] = {};
       float count_lanes[kLanes] = {};
       coherence_chunk(slow + at, ring + at, param, stride, period, n, inv_period, inv_period_minus_one, ratio_lanes,

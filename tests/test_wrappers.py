@@ -485,8 +485,8 @@ def test_scout_loads_the_older_k_row_snapshots():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_scouts_streaming_snapshot_stores_write_the_same_ring(dtype, monkeypatch):
     """Rings of 2 M elements and more take their rows with streaming stores on the C++ path (past the cache); forced
-    on these ragged params (unaligned heads and tails, an empty tensor, channels_last), every row and the sums are
-    bitwise those of plain stores, by slot and by a position read from a tensor."""
+    on these ragged params (tails of 1, 3 and 0 elements past the 4-wide stores, an empty tensor, channels_last),
+    every row and the sums are bitwise those of plain stores, by slot and by a position read from a tensor."""
     _backend_ok("cpu")
     from fusedoptim import _cpu
 
