@@ -2,8 +2,11 @@
 stuck, and a digest that a damaged library cannot get past.
 
 - **Key.** The directory is ``fusedoptim_cpu-<key>``, the key a hash of the sources' and headers' contents, the
-  flags, and the torch and Python versions: not of the checkout's path, so another clone of the same sources reuses
-  the build, and a changed source never loads a stale one.
+  flags, the torch and Python versions, and where torch's and Python's headers are: not of the checkout's path, so
+  another clone of the same sources reuses the build, and a changed source never loads a stale one. The header
+  directories are in it because torch writes them into ``build.ninja``: two virtual environments with one torch
+  version shared a directory without them, each load rewrote the other's ``build.ninja``, and ninja recompiled
+  the whole library in place (94 s on 2 cores) at every switch.
 - **Lock.** One build at a time per directory: ``build.lock`` is created exclusively and names its owner (pid,
   host, start time). A lock whose owner is gone (its pid is not alive on this host) or that is older than
   ``STALE_AFTER_S`` is stale: it is removed, and torch's own ``lock`` file with it (a build killed by SIGKILL or
@@ -21,6 +24,7 @@ import json
 import os
 import socket
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -43,13 +47,19 @@ class BuildLockTimeout(TimeoutError):
     """Another process held the build lock for longer than we wait."""
 
 
+def header_dirs() -> list[str]:
+    """Where the build's headers come from, as torch's ``load()`` names them in ``build.ninja``: torch's install
+    directory and Python's include directory."""
+    return [str(Path(torch.__file__).resolve().parent), sysconfig.get_paths()["include"]]
+
+
 def build_key(source_dir: Path, names: Sequence[str], flags: Sequence[str]) -> str:
-    """16 hex digits of SHA-256 over the named files' names and contents, the flags and the torch and Python
-    versions: what the library depends on, and nothing else."""
+    """16 hex digits of SHA-256 over the named files' names and contents, the flags, the torch and Python versions
+    and their header directories: what the library and its build commands depend on, and nothing else."""
     h = hashlib.sha256()
     for name in sorted(names):
         h.update(name.encode() + b"\0" + (source_dir / name).read_bytes() + b"\0")
-    h.update(json.dumps([list(flags), torch.__version__, sys.version_info[:2], sys.platform]).encode())
+    h.update(json.dumps([list(flags), torch.__version__, sys.version_info[:2], sys.platform, header_dirs()]).encode())
     return h.hexdigest()[:16]
 
 
@@ -86,6 +96,19 @@ def record_library(directory: Path) -> None:
         tmp = directory / (DIGEST + f".{os.getpid()}")
         tmp.write_text(file_digest(library) + "\n")
         tmp.replace(directory / DIGEST)
+
+
+def record_if_rebuilt(directory: Path) -> bool:
+    """After a load under the lock: record the library's digest when it has none or the library is newer than it
+    (ninja relinked it in place: a changed compiler or header made it stale). ``verify_library`` ran before the
+    load, so a library here is one that matched its digest or one the build just wrote. True when recorded."""
+    library, digest = directory / LIBRARY, directory / DIGEST
+    if not library.exists():
+        return False
+    if digest.exists() and digest.stat().st_mtime_ns >= library.stat().st_mtime_ns:
+        return False
+    record_library(directory)
+    return True
 
 
 def _owner_alive(owner: dict) -> bool:

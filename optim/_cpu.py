@@ -74,7 +74,8 @@ def build_root() -> Path:
 
 def build_directory() -> Path:
     """This build's directory: ``fusedoptim_cpu-<key>`` under ``build_root()``, the key a hash of the sources'
-    contents and the flags (optim/_build_cache.py), not of the checkout's path."""
+    contents, the flags and torch's and Python's header directories (optim/_build_cache.py), not of the checkout's
+    path."""
     key = _build_cache.build_key(sources_dir(), SOURCES + HEADERS, _CFLAGS + _LDFLAGS)
     return build_root() / f"fusedoptim_cpu-{key}"
 
@@ -114,8 +115,7 @@ def build(wait_s: float | None = None) -> ModuleType:
             build_directory=str(directory),
             verbose=False,
         )
-        if not (directory / _build_cache.DIGEST).exists():
-            _build_cache.record_library(directory)
+        _build_cache.record_if_rebuilt(directory)
     log.info("fusedoptim: C++ CPU kernels ready in %.1f s", time.perf_counter() - start)
     return module
 

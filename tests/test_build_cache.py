@@ -44,6 +44,33 @@ def test_the_key_is_the_sources_contents_not_their_path(tmp_path):
     assert key != _build_cache.build_key(tmp_path / "a", names, [*_cpu._CFLAGS, "-O2"])
 
 
+def test_the_key_is_torchs_install_directory_too(tmp_path, monkeypatch):
+    """Two virtual environments with one torch version: torch writes its header directory into build.ninja, so a
+    shared build directory was recompiled in place at every switch between them."""
+    names = _cpu.SOURCES + _cpu.HEADERS
+    key = _build_cache.build_key(_cpu.sources_dir(), names, _cpu._CFLAGS)
+    assert key == _build_cache.build_key(_cpu.sources_dir(), names, _cpu._CFLAGS)
+    other_torch = tmp_path / "other-venv" / "site-packages" / "torch"
+    other_torch.mkdir(parents=True)
+    monkeypatch.setattr(_build_cache.torch, "__file__", str(other_torch / "__init__.py"))
+    assert str(other_torch) in _build_cache.header_dirs()
+    assert key != _build_cache.build_key(_cpu.sources_dir(), names, _cpu._CFLAGS)
+
+
+def test_a_library_relinked_in_place_gets_its_digest_recorded_again(tmp_path):
+    """A load that made ninja relink the library (its digest older than it) records the new digest, so that the
+    next process does not find a mismatch and rebuild again; an unchanged library is not hashed again."""
+    library, digest = tmp_path / LIBRARY, tmp_path / DIGEST
+    assert not _build_cache.record_if_rebuilt(tmp_path)  # nothing built
+    library.write_bytes(b"\x7fELF" + bytes(1000))
+    assert _build_cache.record_if_rebuilt(tmp_path)  # a first build: no digest yet
+    assert not _build_cache.record_if_rebuilt(tmp_path)  # loaded as it was
+    library.write_bytes(b"\x7fELF" + bytes(2000))  # relinked by ninja
+    os.utime(library, ns=(digest.stat().st_mtime_ns + 10**9,) * 2)
+    assert _build_cache.record_if_rebuilt(tmp_path)
+    assert _build_cache.verify_library(tmp_path) is None and library.exists()
+
+
 def test_a_library_that_does_not_match_its_digest_is_deleted_before_it_loads(tmp_path):
     library = tmp_path / LIBRARY
     library.write_bytes(b"\x7fELF" + bytes(1000))
