@@ -14,3 +14,7 @@ from devices import DEVICE
 if DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns on every compile when unset
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_speed  # noqa: E402  (after TRITON_INTERPRET: it imports triton)
+
+    interpreter_speed.install()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from cases import CASES, case_named
@@ -69,3 +71,42 @@ def test_case_named():
     assert all(case_named(case.name) is case for case in CASES)
     with pytest.raises(KeyError, match="no case named 'adabeleif'.*known cases: adabelief, "):
         case_named("adabeleif")
+
+
+# The interpreter's speed-up (tests/interpreter_speed.py): helpers called in a launch are not patched again.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _doubled(x):
+        return x * 2
+
+    @triton.jit
+    def _double_n_times(x_ptr, out_ptr, n, CALLS: tl.constexpr, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offsets, mask=offsets < n)
+        for _ in tl.static_range(CALLS):
+            x = _doubled(x)
+        tl.store(out_ptr + offsets, x, mask=offsets < n)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels are compiled here")
+def test_the_interpreter_patches_the_language_once_per_launch(monkeypatch):
+    from triton.runtime import interpreter
+
+    if not getattr(interpreter._patch_lang, "_fusedoptim", False):
+        pytest.skip("this triton's interpreter is not the one interpreter_speed wraps: the tests only run slower")
+    walks = []
+    original = interpreter._patch_builtin
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *args: walks.append(1) or original(*args))
+    x = torch.arange(5, dtype=torch.float32)
+    counts = []
+    for calls in (0, 5):
+        walks.clear()
+        out = torch.empty_like(x)
+        _double_n_times[(1,)](x, out, 5, CALLS=calls, BLOCK=8)
+        assert torch.equal(out, x * 2**calls)
+        counts.append(len(walks))
+    assert counts[0] > 0 and counts[1] == counts[0]  # five helper calls: no walk of the language beyond the launch's
+    assert tl.core.is_builtin(tl.load) and tl.core.is_builtin(tl.tensor.__add__)  # restored after the launch
