@@ -2,10 +2,10 @@
 sm_80 / sm_90 / sm_100 by ``python -m benchmarks.compiled`` in its own process (this test process runs the
 Triton interpreter, whose kernels cannot be compiled), and the PTX / SASS figures it reads back.
 
-The tests share one compile of all variants (552; 1.5-2 minutes on 2 cores with a cold Triton cache): the first
-xdist worker to need it compiles under a file lock, the others read its JSON (with ``xdist_group`` and
-``--dist loadgroup`` the tests still landed on both workers here, pytest 9.2 and pytest-xdist 3.8, and each
-compiled everything).
+The tests share one compile of all variants (552; 1.5-4 minutes on 2 cores with a cold Triton cache, 13 s
+warm): the first xdist worker to need it compiles under a file lock, the others read its JSON (with
+``xdist_group`` and ``--dist loadgroup`` the tests still landed on both workers here, pytest 9.2 and pytest-xdist
+3.8, and each compiled everything).
 """
 
 from __future__ import annotations
@@ -171,3 +171,25 @@ def test_scouts_kernel_moves_full_blocks_128_bit(report):
 def test_report_counts_launches_under_the_interpreter():
     launches = compiled.count_launches(["adan", "lamb"])
     assert launches == {"adan": 1, "lamb": 3}
+
+
+def test_tool_reports_are_kept_by_the_tools_and_the_bytes(tmp_path, monkeypatch):
+    """ptxas's and cuobjdump's reports are kept under the hash of the tool, its arguments and the bytes it read:
+    the same bytes are not read again, other bytes or another tool are."""
+    import triton
+
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    tool = tmp_path / "tool"
+    tool.write_text(f"#!/bin/sh\necho run >> {runs}\nprintf '%s ' \"$@\"\ncat \"$4\" | tr a-z A-Z\n")
+    tool.chmod(0o755)
+
+    def report(data: bytes) -> str:
+        return compiled._tool_output(str(tool), ["-v", "-o", "{tmp}/out"], data, "in.txt", "stdout")
+
+    first = report(b"kernel one")
+    assert first.startswith("-v -o ") and first.endswith("KERNEL ONE") and "{tmp}" not in first
+    assert report(b"kernel one") == first and runs.read_text().count("run") == 1
+    assert report(b"kernel two").endswith("KERNEL TWO") and runs.read_text().count("run") == 2
+    tool.write_text(tool.read_text().replace("tr a-z A-Z", "cat"))  # another tool (size and mtime): run again
+    assert report(b"kernel one").endswith("kernel one") and runs.read_text().count("run") == 3
