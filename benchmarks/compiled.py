@@ -286,6 +286,7 @@ def variants(archs: tuple[int, ...] = ARCHS, optimizers: tuple[str, ...] | None 
 
 # ---------------------------------------------------------------------------------------------- compiling
 _TOOLS: dict[str, str] = {}
+_TOOL_DIGESTS: dict[str, str] = {}
 
 
 def _tool(name: str) -> str:
@@ -386,17 +387,30 @@ def ptx_blocks(ptx: str) -> list[list[tuple[str, int, str | None]]]:
     return blocks
 
 
+def _tool_digest(tool: str) -> str:
+    """SHA-256 of the tool's file, once per process and tool (ptxas is 40-50 MB: about 0.1 s)."""
+    if tool not in _TOOL_DIGESTS:
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(tool, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _TOOL_DIGESTS[tool] = h.hexdigest()
+    return _TOOL_DIGESTS[tool]
+
+
 def _tool_output(tool: str, args: list[str], data: bytes, name: str, stream: str) -> str:
     """What ``tool args <file holding data>`` prints on ``stream``, kept beside Triton's cache under the SHA-256 of
-    the tool's path, size and mtime, the arguments and the data: the same tool on the same bytes prints the same
-    report. With a warm Triton cache, running ptxas again for every kernel's report and cuobjdump on sm_90's took
-    11 of the 12.5 s of AdaBelief's 78 variants (552 variants: 90 s of the test suite)."""
+    the tool's bytes, the arguments and the data: the same tool on the same bytes prints the same report. With a
+    warm Triton cache, running ptxas again for every kernel's report and cuobjdump on sm_90's took 11 of the 12.5 s
+    of AdaBelief's 78 variants (552 variants: 90 s of the test suite). The tool's bytes, not its path: CI installs
+    triton into a new virtual environment each time."""
     import hashlib
 
     import triton
 
-    stat = os.stat(tool)
-    key = hashlib.sha256(json.dumps([tool, stat.st_size, stat.st_mtime_ns, args, stream]).encode() + data)
+    key = hashlib.sha256(json.dumps([_tool_digest(tool), args, stream]).encode() + data)
     cache = os.path.join(triton.knobs.cache.dir, "fusedoptim-tool-reports", key.hexdigest() + ".txt")
     with contextlib.suppress(OSError):
         with open(cache) as f:

@@ -174,8 +174,11 @@ def test_report_counts_launches_under_the_interpreter():
 
 
 def test_tool_reports_are_kept_by_the_tools_and_the_bytes(tmp_path, monkeypatch):
-    """ptxas's and cuobjdump's reports are kept under the hash of the tool, its arguments and the bytes it read:
-    the same bytes are not read again, other bytes or another tool are."""
+    """ptxas's and cuobjdump's reports are kept under the hash of the tool's bytes, its arguments and the bytes it
+    read: the same bytes are not read again, even by the same tool elsewhere (a new virtual environment); other
+    bytes or another tool are."""
+    import shutil
+
     import triton
 
     monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path / "cache"))
@@ -184,12 +187,18 @@ def test_tool_reports_are_kept_by_the_tools_and_the_bytes(tmp_path, monkeypatch)
     tool.write_text(f"#!/bin/sh\necho run >> {runs}\nprintf '%s ' \"$@\"\ncat \"$4\" | tr a-z A-Z\n")
     tool.chmod(0o755)
 
-    def report(data: bytes) -> str:
-        return compiled._tool_output(str(tool), ["-v", "-o", "{tmp}/out"], data, "in.txt", "stdout")
+    def report(data: bytes, path=tool) -> str:
+        return compiled._tool_output(str(path), ["-v", "-o", "{tmp}/out"], data, "in.txt", "stdout")
 
     first = report(b"kernel one")
     assert first.startswith("-v -o ") and first.endswith("KERNEL ONE") and "{tmp}" not in first
     assert report(b"kernel one") == first and runs.read_text().count("run") == 1
     assert report(b"kernel two").endswith("KERNEL TWO") and runs.read_text().count("run") == 2
-    tool.write_text(tool.read_text().replace("tr a-z A-Z", "cat"))  # another tool (size and mtime): run again
-    assert report(b"kernel one").endswith("kernel one") and runs.read_text().count("run") == 3
+    elsewhere = tmp_path / "venv" / "tool"
+    elsewhere.parent.mkdir()
+    shutil.copy2(tool, elsewhere)
+    assert report(b"kernel one", elsewhere) == first and runs.read_text().count("run") == 2  # the same tool
+    other = tmp_path / "other-tool"
+    other.write_text(tool.read_text().replace("tr a-z A-Z", "cat"))
+    other.chmod(0o755)
+    assert report(b"kernel one", other).endswith("kernel one") and runs.read_text().count("run") == 3
