@@ -99,7 +99,7 @@ def build(wait_s: float | None = None) -> ModuleType:
             log.warning("fusedoptim: building the C++ CPU kernels in %s (first use of these sources: about 1-2 "
                         "minutes on 2 cores, once; `python -m fusedoptim.build` does it ahead of time)", directory)
         # The sources are copied in: the build's commands then name the cache directory, not the checkout, and
-        # another clone of the same sources finds nothing to rebuild.
+        # another clone of the same sources (in the same environment) finds nothing to rebuild.
         copies = directory / "src"
         copies.mkdir(exist_ok=True)
         for name in SOURCES + HEADERS:
