@@ -21,8 +21,7 @@ The variants (see ``variants()``): each optimizer's kernels with its default opt
 structural option (``FLAGS``, ``MAXIMIZE``) in fp32 and bf16; the segment sums, with each rule's finalize in their
 epilogue and without (sharded params); and Lookahead / Scout's standalone sync. Alignment is no variant: each
 program picks the hinted full-block path when its chunk is aligned, the masked one otherwise. Compiling is 0.5-1 s
-per variant per target (cached by Triton after, and
-ptxas's and cuobjdump's reports beside it: ``_tool_output``).
+per variant per target (cached by Triton after, with ptxas's and cuobjdump's reports beside it: ``_tool_output``).
 """
 
 from __future__ import annotations
