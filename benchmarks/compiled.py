@@ -387,15 +387,14 @@ def ptx_blocks(ptx: str) -> list[list[tuple[str, int, str | None]]]:
 
 
 def _tool_digest(tool: str) -> str:
-    """SHA-256 of the tool's file, once per process and tool (ptxas is 40-50 MB: about 0.1 s)."""
+    """SHA-256 of the tool's file (the C++ build cache's ``file_digest``), once per process and tool (ptxas is
+    40-50 MB: about 0.1 s)."""
     if tool not in _TOOL_DIGESTS:
-        import hashlib
+        from pathlib import Path
 
-        h = hashlib.sha256()
-        with open(tool, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _TOOL_DIGESTS[tool] = h.hexdigest()
+        from fusedoptim._build_cache import file_digest
+
+        _TOOL_DIGESTS[tool] = file_digest(Path(tool))
     return _TOOL_DIGESTS[tool]
 
 
