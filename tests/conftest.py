@@ -7,6 +7,8 @@ pytest imports this file before any test module. The device is tests/devices.py'
 
 import os
 
+import interpreter_speed  # triton is imported by install(), not here
+
 # A ValueError here (FUSEDOPTIM_TEST_DEVICE=cuda without a GPU) stops the run before any test: asked for the GPU,
 # the tests must not quietly run the interpreter instead.
 from devices import DEVICE
@@ -14,7 +16,4 @@ from devices import DEVICE
 if DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns on every compile when unset
-if os.environ.get("TRITON_INTERPRET") == "1":
-    import interpreter_speed  # noqa: E402  (after TRITON_INTERPRET: it imports triton)
-
-    interpreter_speed.install()
+interpreter_speed.install()  # after TRITON_INTERPRET: it imports triton

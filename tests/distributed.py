@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import interpreter_speed
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -32,10 +33,7 @@ def free_port() -> int:
 
 def _entry(rank: int, world_size: int, port: int, out: str, job: Callable[..., Any], args: tuple) -> None:
     torch.set_num_threads(1)  # ranks share the machine's cores
-    if os.environ.get("TRITON_INTERPRET") == "1":  # fresh processes: what conftest.py does for the test process
-        import interpreter_speed
-
-        interpreter_speed.install()
+    interpreter_speed.install()  # a fresh process: what conftest.py does for the test process
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=120))
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 
 _state = threading.local()
@@ -33,7 +34,10 @@ def _languages(fn) -> frozenset[int]:
 
 
 def install() -> bool:
-    """Wrap the interpreter's launch and language patching; True when installed."""
+    """Wrap the interpreter's launch and language patching when this process runs it (``TRITON_INTERPRET=1``, set
+    before triton is imported); True when installed."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
     try:
         from triton.runtime import interpreter
     except ImportError:
